@@ -1,0 +1,168 @@
+"""Jit-compiled generation: prefill (with an optional compression policy) + a `lax.while_loop`
+decode over the cache pytree. One compilation per (batch, padded prompt length, max_new_tokens,
+policy, sampling mode); prompt lengths are bucketed so varied prompts reuse compilations."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, List, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkv.cache.base import cache_nbytes
+from jaxkv.cache.dense import DenseCache
+from jaxkv.model.config import ModelConfig
+from jaxkv.model.decoder import Decoder
+from jaxkv.model.model import Model
+
+PROMPT_BUCKET = 64
+
+
+@dataclasses.dataclass
+class Generation:
+    """tokens: the new tokens of each prompt, cut after the first EOS (EOS included).
+    cache_bytes: bytes of the cache arrays actually held (kept prompt + decode room);
+    full_cache_bytes: bytes the dense cache of the same batch and capacity holds."""
+
+    tokens: List[List[int]]
+    texts: Optional[List[str]]
+    cache_bytes: int
+    full_cache_bytes: int
+    prompt_lengths: List[int]
+
+    @property
+    def budget(self) -> float:
+        return self.cache_bytes / self.full_cache_bytes
+
+
+def _sample(logits, rng, temperature, top_p, greedy: bool):
+    """logits: [B, V] -> [B] int32."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # smallest set whose mass reaches top_p: keep tokens whose preceding mass is < top_p
+    keep_sorted = (cum - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
+    cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def prefill_and_decode(params, tokens, lengths, rng, temperature, top_p, *, config: ModelConfig,
+                       policy: Any, max_new_tokens: int, greedy: bool, eos_ids: tuple):
+    """Traceable core. tokens: [B, T]; lengths: [B] -> (new tokens [B, N], final caches)."""
+    module = Decoder(config)
+    b, t = tokens.shape
+    capacity = t + max_new_tokens
+    query_positions = None
+    if policy is not None:
+        query_positions = policy.observation_positions(lengths, t)
+    logits, caches = module.apply({"params": params}, tokens, lengths, capacity, policy,
+                                  query_positions, method=Decoder.prefill)
+    rng, sub = jax.random.split(rng)
+    first = _sample(logits, sub, temperature, top_p, greedy)
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    out = jnp.full((b, max_new_tokens), config.pad_token_id, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, eos)
+
+    def cond(state):
+        step, _, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, out, caches, done, last, rng = state
+        positions = lengths + step - 1  # position of `last` in each sequence
+        logits, caches = module.apply({"params": params}, last, positions, caches,
+                                      method=Decoder.decode)
+        rng, sub = jax.random.split(rng)
+        nxt = _sample(logits, sub, temperature, top_p, greedy)
+        nxt = jnp.where(done, config.pad_token_id, nxt)
+        out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], step, axis=1)
+        done = done | jnp.isin(nxt, eos)
+        return step + 1, out, caches, done, nxt, rng
+
+    state = (jnp.int32(1), out, caches, done, first, rng)
+    _, out, caches, _, _, _ = jax.lax.while_loop(cond, body, state)
+    return out, caches
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(config, policy, max_new_tokens, greedy, eos_ids):
+    fn = functools.partial(prefill_and_decode, config=config, policy=policy,
+                           max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids)
+    return jax.jit(fn)
+
+
+def _as_token_lists(model: Model, prompts) -> List[List[int]]:
+    if isinstance(prompts, (str, np.ndarray)) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts: give a non-empty list of token-id lists or strings")
+    out = []
+    for i, p in enumerate(prompts):
+        ids = model.encode(p) if isinstance(p, str) else [int(x) for x in np.asarray(p).ravel()]
+        if not ids:
+            raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
+        out.append(ids)
+    return out
+
+
+def pad_batch(prompts: List[List[int]], pad_id: int, bucket: int = PROMPT_BUCKET):
+    """Right-pad to a multiple of `bucket` -> (tokens int32 [B, T], lengths int32 [B])."""
+    longest = max(len(p) for p in prompts)
+    t = -(-longest // bucket) * bucket
+    tokens = np.full((len(prompts), t), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    return tokens, np.array([len(p) for p in prompts], np.int32)
+
+
+def generate(model: Model, prompts, max_new_tokens: int, policy: Any = None,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             eos_ids: Optional[Sequence[int]] = None) -> Generation:
+    """Generate up to `max_new_tokens` after each prompt (token-id lists or strings).
+
+    temperature 0 is greedy; otherwise temperature / top-p sampling with PRNG `seed`.
+    `policy` (see `jaxkv.policies`) compresses each layer's cache right after prefill.
+    Generation stops per sequence at an EOS id (default: the model config's).
+    """
+    cfg = model.config
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}: must be >= 0 (0 means greedy)")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p}: must lie in (0, 1]")
+    token_lists = _as_token_lists(model, prompts)
+    limit = cfg.max_position_embeddings if cfg.sliding_window is None else min(
+        cfg.max_position_embeddings, cfg.sliding_window)
+    for i, ids in enumerate(token_lists):
+        if len(ids) + max_new_tokens > limit:
+            raise ValueError(f"prompts[{i}] has {len(ids)} tokens; with max_new_tokens="
+                             f"{max_new_tokens} that exceeds the model's context of {limit}")
+        if min(ids) < 0 or max(ids) >= cfg.vocab_size:
+            raise ValueError(f"prompts[{i}]: token ids must lie in [0, {cfg.vocab_size})")
+    tokens, lengths = pad_batch(token_lists, cfg.pad_token_id)
+    eos = tuple(int(e) for e in (eos_ids if eos_ids is not None else cfg.eos_ids))
+    fn = _compiled(cfg, policy, max_new_tokens, temperature == 0.0, eos)
+    out, caches = fn(model.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                jax.random.PRNGKey(seed), jnp.float32(max(temperature, 1e-6)),
+                                jnp.float32(top_p))
+    out = np.asarray(out)
+    new_tokens = []
+    for row in out:
+        row = row.tolist()
+        cut = next((j + 1 for j, x in enumerate(row) if x in eos), len(row))
+        new_tokens.append(row[:cut])
+    texts = [model.decode(t) for t in new_tokens] if model.tokenizer is not None else None
+    capacity = tokens.shape[1] + max_new_tokens
+    full = cfg.kv_bytes_per_token() * len(token_lists) * capacity + 4 * cfg.num_layers * len(
+        token_lists)  # + int32 lengths per layer, as DenseCache holds
+    kept = cache_nbytes(caches)  # shapes are fixed through decoding: read off the final arrays
+    del caches
+    return Generation(tokens=new_tokens, texts=texts, cache_bytes=kept, full_cache_bytes=full,
+                      prompt_lengths=[len(p) for p in token_lists])
