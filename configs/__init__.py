@@ -1,0 +1,1 @@
+"""Run configurations: Python dataclasses, one module per model / run."""

@@ -1,0 +1,308 @@
+"""Retrieval family: RULER-style synthetic long-context tasks.
+
+The haystack is uniformly random filler words ``w0..w95``; "needles" (facts) are inserted
+between filler words at random depths, and the prompt ends with a query. Keys are 3 letter
+tokens (``q f k``), values 4 digit tokens (5 for passkeys and variable-tracking values).
+
+Every task has a ``length`` setting: the exact number of prompt tokens, ``len(prompt_ids)``
+(``<bos>`` included); the filler count is whatever remains after the needles and the query.
+Targets carry no chain of thought: ``A : <answer>``.
+
+* :class:`NiahSingle`      -- ``NIAH k k k = v v v v .``; query ``Q k k k ?``.
+* :class:`NiahMultiKey`    -- ``n_keys`` ``MK`` needles with distinct keys; one is queried.
+* :class:`NiahMultiValue`  -- ``n_values`` ``MV`` needles, same key, distinct values; answer all
+  values in order of appearance, separated by ``,``.
+* :class:`VariableTracking`-- chains ``VT X3 = d d d d d .``, ``VT X7 = X3 .`` ...; query a value,
+  answer the chain's variables in order of assignment.
+* :class:`Passkey`         -- ``PASS = d d d d d .``; query ``Q PASS ?``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Sequence
+
+import numpy as np
+
+from jaxkv.tasks.base import Example, Task
+from jaxkv.tasks.vocab import DIGIT_TOKENS, FILLER_TOKENS, LETTER_TOKENS, VAR_TOKENS
+
+KEY_LEN = 3  # letter tokens per key
+VALUE_LEN = 4  # digit tokens per NIAH value
+PASSKEY_LEN = 5  # digit tokens per passkey / variable-tracking value
+
+
+def _distinct_words(rng: np.random.Generator, k: int, alphabet: Sequence[str], n: int) -> list[str]:
+    """``n`` distinct strings, each ``k`` random tokens of ``alphabet`` joined by spaces."""
+    out: list[str] = []
+    seen: set[str] = set()
+    while len(out) < n:
+        word = " ".join(alphabet[i] for i in rng.integers(0, len(alphabet), size=k))
+        if word not in seen:
+            seen.add(word)
+            out.append(word)
+    return out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _HaystackTask(Task):
+    """Shared machinery: filler haystack of exact length with needles at given positions."""
+
+    family: ClassVar[str] = "retrieval"
+
+    length: int = 384  # exact len(prompt_ids); allowed 64..8192
+
+    def __post_init__(self):
+        self._check_int("length", 64, 8192)
+        self._check_settings()
+        if self._n_filler < 0:
+            need = self._fixed_tokens + 1
+            raise ValueError(
+                f"{type(self).__name__}: length={self.length} is not allowed for "
+                f"{self._settings_str()}; needles, query and <bos> alone take {need} tokens, "
+                f"so length must be in [{max(64, need)}, 8192]"
+            )
+
+    # -- to be provided by subclasses ---------------------------------------------------------
+
+    def _check_settings(self) -> None:
+        """Validate the subclass's own settings."""
+
+    @property
+    def _fixed_tokens(self) -> int:
+        """Prompt tokens that are not filler and not <bos> (needles + query)."""
+        raise NotImplementedError
+
+    @property
+    def _target_len(self) -> int:
+        """len(target_ids) (the same for every sample; <eos> included)."""
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------
+
+    def _settings_str(self) -> str:
+        return ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.name != "length"
+        ) or "these settings"
+
+    @property
+    def _n_filler(self) -> int:
+        return self.length - 1 - self._fixed_tokens
+
+    @property
+    def max_len(self) -> int:
+        return self.length + self._target_len
+
+    def _depth_position(self, rng: np.random.Generator, depth: float | None) -> int:
+        """Insertion point in [0, n_filler] for a needle at ``depth`` (random if None)."""
+        if depth is None:
+            depth = float(rng.random())
+        return int(round(depth * self._n_filler))
+
+    def _random_positions(self, rng: np.random.Generator, n: int) -> list[int]:
+        """``n`` sorted random insertion points in [0, n_filler]."""
+        return np.sort(rng.integers(0, self._n_filler + 1, size=n)).tolist()
+
+    def _assemble(
+        self,
+        rng: np.random.Generator,
+        needles: Sequence[tuple[int, str]],
+        query: str,
+        target: str,
+        answer: str,
+    ) -> Example:
+        """Draw the filler and insert ``(position, needle_text)`` pairs.
+
+        A needle at position p goes right before filler word p (p == n_filler: after the last
+        one); needles at equal positions keep their order in ``needles``.
+        """
+        filler = [FILLER_TOKENS[i] for i in rng.integers(0, len(FILLER_TOKENS), size=self._n_filler)]
+        placed = sorted(needles, key=lambda pn: pn[0])  # stable
+        words: list[str] = []
+        prev = 0
+        for pos, text in placed:
+            words.extend(filler[prev:pos])
+            words.append(text)
+            prev = pos
+        words.extend(filler[prev:])
+        words.append(query)
+        return Example(self.name, " ".join(words), target, answer)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NiahSingle(_HaystackTask):
+    """One needle ``NIAH k1 k2 k3 = v1 v2 v3 v4 .``; prompt ends ``Q k1 k2 k3 ?``;
+    target ``A : v1 v2 v3 v4``. ``depth`` in [0, 1] fixes the needle depth (None: random)."""
+
+    name: ClassVar[str] = "niah_single"
+
+    depth: float | None = None
+
+    def _check_settings(self):
+        self._check_optional_unit_float("depth")
+
+    @property
+    def _fixed_tokens(self) -> int:
+        return (3 + KEY_LEN + VALUE_LEN) + (KEY_LEN + 2)
+
+    @property
+    def _target_len(self) -> int:
+        return 2 + VALUE_LEN + 1
+
+    def sample(self, rng: np.random.Generator) -> Example:
+        rng = self._check_rng(rng)
+        (key,) = _distinct_words(rng, KEY_LEN, LETTER_TOKENS, 1)
+        (value,) = _distinct_words(rng, VALUE_LEN, DIGIT_TOKENS, 1)
+        pos = self._depth_position(rng, self.depth)
+        return self._assemble(
+            rng, [(pos, f"NIAH {key} = {value} .")], f"Q {key} ?", f"A : {value}", value
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NiahMultiKey(_HaystackTask):
+    """``n_keys`` needles ``MK k k k = v v v v .`` with distinct keys (and values); one is
+    queried. ``depth`` fixes the depth of the queried needle (None: random); the others are
+    at random depths."""
+
+    name: ClassVar[str] = "niah_multikey"
+
+    n_keys: int = 8  # allowed 1..64 (and needles must fit in `length`)
+    depth: float | None = None
+
+    def _check_settings(self):
+        self._check_int("n_keys", 1, 64)
+        self._check_optional_unit_float("depth")
+
+    @property
+    def _fixed_tokens(self) -> int:
+        return self.n_keys * (3 + KEY_LEN + VALUE_LEN) + (KEY_LEN + 2)
+
+    @property
+    def _target_len(self) -> int:
+        return 2 + VALUE_LEN + 1
+
+    def sample(self, rng: np.random.Generator) -> Example:
+        rng = self._check_rng(rng)
+        keys = _distinct_words(rng, KEY_LEN, LETTER_TOKENS, self.n_keys)
+        values = _distinct_words(rng, VALUE_LEN, DIGIT_TOKENS, self.n_keys)
+        q = int(rng.integers(0, self.n_keys))
+        positions = rng.integers(0, self._n_filler + 1, size=self.n_keys).tolist()
+        positions[q] = self._depth_position(rng, self.depth)
+        needles = [(p, f"MK {k} = {v} .") for p, k, v in zip(positions, keys, values)]
+        return self._assemble(rng, needles, f"Q {keys[q]} ?", f"A : {values[q]}", values[q])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NiahMultiValue(_HaystackTask):
+    """``n_values`` needles ``MV k k k = v v v v .`` with the same key and distinct values;
+    query ``Q k k k ?``; target ``A : v.. , v.. , ...`` in order of appearance."""
+
+    name: ClassVar[str] = "niah_multivalue"
+
+    n_values: int = 4  # allowed 1..32
+
+    def _check_settings(self):
+        self._check_int("n_values", 1, 32)
+
+    @property
+    def _fixed_tokens(self) -> int:
+        return self.n_values * (3 + KEY_LEN + VALUE_LEN) + (KEY_LEN + 2)
+
+    @property
+    def _target_len(self) -> int:
+        # A : v v v v (, v v v v)* <eos>
+        return 2 + self.n_values * VALUE_LEN + (self.n_values - 1) + 1
+
+    def sample(self, rng: np.random.Generator) -> Example:
+        rng = self._check_rng(rng)
+        (key,) = _distinct_words(rng, KEY_LEN, LETTER_TOKENS, 1)
+        values = _distinct_words(rng, VALUE_LEN, DIGIT_TOKENS, self.n_values)
+        positions = self._random_positions(rng, self.n_values)  # sorted: order kept
+        needles = [(p, f"MV {key} = {v} .") for p, v in zip(positions, values)]
+        answer = " , ".join(values)
+        return self._assemble(rng, needles, f"Q {key} ?", f"A : {answer}", answer)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VariableTracking(_HaystackTask):
+    """RULER variable tracking: ``n_chains`` chains of ``n_hops + 1`` variables each,
+    ``VT X3 = d d d d d .`` then ``VT X7 = X3 .``, ``VT X1 = X7 .`` ... (chains interleaved,
+    each in assignment order, distinct 5-digit values, distinct names), scattered in filler.
+    Query ``Q d d d d d ?`` (one chain's value); target ``A : X3 X7 X1 ...`` (that chain's
+    variables in order of assignment). The other chains are distractors."""
+
+    name: ClassVar[str] = "variable_tracking"
+
+    n_chains: int = 2  # allowed 1..16
+    n_hops: int = 4  # allowed 1..31; n_chains * (n_hops + 1) <= 32 names
+
+    def _check_settings(self):
+        self._check_int("n_chains", 1, 16)
+        self._check_int("n_hops", 1, 31)
+        n_names = self.n_chains * (self.n_hops + 1)
+        if n_names > len(VAR_TOKENS):
+            raise ValueError(
+                f"VariableTracking: n_chains={self.n_chains}, n_hops={self.n_hops} need "
+                f"{n_names} distinct variables; allowed is n_chains * (n_hops + 1) <= "
+                f"{len(VAR_TOKENS)}"
+            )
+
+    @property
+    def _fixed_tokens(self) -> int:
+        # per chain: VT X = d d d d d .  +  n_hops * (VT X = X .) ; query: Q d d d d d ?
+        return self.n_chains * ((4 + PASSKEY_LEN) + 5 * self.n_hops) + (PASSKEY_LEN + 2)
+
+    @property
+    def _target_len(self) -> int:
+        return 2 + (self.n_hops + 1) + 1
+
+    def sample(self, rng: np.random.Generator) -> Example:
+        rng = self._check_rng(rng)
+        n_c, n_v = self.n_chains, self.n_hops + 1
+        ids = rng.choice(len(VAR_TOKENS), size=n_c * n_v, replace=False).reshape(n_c, n_v)
+        names = [[VAR_TOKENS[i] for i in row] for row in ids]  # [n_chains][n_hops + 1]
+        values = _distinct_words(rng, PASSKEY_LEN, DIGIT_TOKENS, n_c)
+        q = int(rng.integers(0, n_c))
+        # Interleave the chains: a random sequence holding each chain id n_v times; the j-th
+        # occurrence of chain c is its j-th assignment.
+        chain_seq = rng.permutation(np.repeat(np.arange(n_c), n_v)).tolist()
+        positions = self._random_positions(rng, n_c * n_v)
+        step = [0] * n_c
+        needles = []
+        for pos, c in zip(positions, chain_seq):
+            j = step[c]
+            step[c] += 1
+            rhs = values[c] if j == 0 else names[c][j - 1]
+            needles.append((pos, f"VT {names[c][j]} = {rhs} ."))
+        answer = " ".join(names[q])
+        return self._assemble(rng, needles, f"Q {values[q]} ?", f"A : {answer}", answer)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Passkey(_HaystackTask):
+    """``PASS = d d d d d .`` in filler; prompt ends ``Q PASS ?``; target ``A : d d d d d``.
+    ``depth`` in [0, 1] fixes the passkey depth (None: random)."""
+
+    name: ClassVar[str] = "passkey"
+
+    depth: float | None = None
+
+    def _check_settings(self):
+        self._check_optional_unit_float("depth")
+
+    @property
+    def _fixed_tokens(self) -> int:
+        return (3 + PASSKEY_LEN) + 3
+
+    @property
+    def _target_len(self) -> int:
+        return 2 + PASSKEY_LEN + 1
+
+    def sample(self, rng: np.random.Generator) -> Example:
+        rng = self._check_rng(rng)
+        (key,) = _distinct_words(rng, PASSKEY_LEN, DIGIT_TOKENS, 1)
+        pos = self._depth_position(rng, self.depth)
+        return self._assemble(rng, [(pos, f"PASS = {key} .")], "Q PASS ?", f"A : {key}", key)

@@ -1,0 +1,487 @@
+"""Tests for jaxkv.tasks: vocabulary/tokenizer, task generators and verifiers, JSONL, batching."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxkv.tasks import (
+    REASONING_TASKS,
+    RETRIEVAL_TASKS,
+    TASKS,
+    Example,
+    NiahMultiKey,
+    NiahMultiValue,
+    NiahSingle,
+    Passkey,
+    RunningSum,
+    VarChain,
+    VariableTracking,
+    extract_answer,
+    make_task,
+    make_training_batch,
+    pad_prompts,
+    sample_examples,
+)
+from jaxkv.tasks import vocab
+from jaxkv.tasks.jsonl import (
+    answers_match,
+    extract_final_answer,
+    normalize_answer,
+    read_jsonl,
+)
+
+# ----------------------------------------------------------------------------------------------
+# Independent reference solvers: parse the prompt text and compute the answer from scratch.
+# ----------------------------------------------------------------------------------------------
+
+
+def _needles(words, marker):
+    """Spans ``marker ... .`` in a word list -> list of word lists (without marker and '.')."""
+    out, k = [], 0
+    while k < len(words):
+        if words[k] == marker:
+            end = words.index(".", k)
+            out.append(words[k + 1 : end])
+            k = end
+        k += 1
+    return out
+
+
+def solve(example: Example) -> str:
+    w = example.prompt.split()
+    if example.task == "running_sum":
+        assert w[0] == "SUM" and w[-1] == "?"
+        body = w[1:-1]
+        pairs = dict(zip(body[0::2], body[1::2]))
+        total = sum(int(pairs[f"i{k}"]) for k in range(len(pairs))) % 100
+        return f"{total // 10} {total % 10}"
+    if example.task == "var_chain":
+        assert w[0] == "VC" and w[-2] == "?"
+        defs = {}
+        for stmt in " ".join(w[1:-2]).split(" ;"):
+            s = stmt.split()
+            if s:
+                defs[s[0]] = s[2:]
+        def value(v):
+            rhs = defs[v]
+            return int(rhs[0]) if len(rhs) == 1 else (value(rhs[0]) + int(rhs[2])) % 10
+        return str(value(w[-1]))
+    if example.task in ("niah_single", "niah_multikey"):
+        marker = "NIAH" if example.task == "niah_single" else "MK"
+        key = w[-4:-1]
+        hits = [n[4:] for n in _needles(w, marker) if n[:3] == key]
+        assert len(hits) == 1
+        return " ".join(hits[0])
+    if example.task == "niah_multivalue":
+        key = w[-4:-1]
+        return " , ".join(" ".join(n[4:]) for n in _needles(w, "MV") if n[:3] == key)
+    if example.task == "variable_tracking":
+        value = w[-6:-1]
+        stmts = _needles(w, "VT")  # [X, =, rhs...]
+        chain = [s[0] for s in stmts if s[2:] == value]
+        assert len(chain) == 1
+        while True:
+            nxt = [s[0] for s in stmts if s[2:] == [chain[-1]]]
+            if not nxt:
+                return " ".join(chain)
+            chain.append(nxt[0])
+    if example.task == "passkey":
+        (n,) = _needles(w[:-3], "PASS")  # the query `Q PASS ?` is not a needle
+        return " ".join(n[1:])
+    raise AssertionError(example.task)
+
+
+# Non-default settings exercised besides the defaults.
+EXTRA_TASKS = [
+    RunningSum(n_digits=2),
+    RunningSum(n_digits=64),
+    VarChain(n_vars=2),
+    VarChain(n_vars=32),
+    NiahSingle(length=64, depth=0.0),
+    NiahSingle(length=1000, depth=1.0),
+    NiahMultiKey(n_keys=1, length=64),
+    NiahMultiKey(n_keys=32, length=2048, depth=0.5),
+    NiahMultiValue(n_values=1, length=64),
+    NiahMultiValue(n_values=8, length=512),
+    VariableTracking(n_chains=1, n_hops=1, length=64),
+    VariableTracking(n_chains=4, n_hops=7, length=1024),
+    Passkey(length=8192),
+]
+ALL_TASKS = [make_task(n) for n in TASKS] + EXTRA_TASKS
+IDS = [f"{t.name}:{i}" for i, t in enumerate(ALL_TASKS)]
+
+
+def _corrupt(example: Example) -> str:
+    """The target with the final answer's last word changed to another valid word."""
+    words = example.answer.split()
+    last = words[-1]
+    if last.isdigit():
+        words[-1] = str((int(last) + 1) % 10)
+    else:  # variable name Xk
+        words[-1] = f"X{(int(last[1:]) + 1) % 32}"
+    assert example.target.endswith(example.answer)
+    return example.target[: len(example.target) - len(example.answer)] + " ".join(words)
+
+
+# ----------------------------------------------------------------------------------------------
+# Vocabulary and tokenizer.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_vocab_layout_is_pinned():
+    # The id layout is part of the checkpoint format; this must never change.
+    assert vocab.VOCAB_SIZE == 256 == len(set(vocab.TOKENS))
+    assert (vocab.PAD_ID, vocab.BOS_ID, vocab.EOS_ID, vocab.UNK_ID) == (0, 1, 2, 3)
+    t2i = vocab.TOKEN_TO_ID
+    assert [t2i[t] for t in ("0", "9", "a", "z", "=", ".", "SUM", "A")] == [4, 13, 14, 39, 40, 48, 49, 57]
+    tail = ("i0", "i63", "w0", "w95", "X0", "X31", "<r0>")
+    assert [t2i[t] for t in tail] == [58, 121, 122, 217, 218, 249, 250]
+    assert vocab.vocab_fingerprint() == "692856466b709ac9581697a149f76e294b76c9648aeff7d46b1bf90915036606"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return vocab.build_tokenizer()
+
+
+def test_tokenizer_round_trip_and_fast_equality_on_task_text(tok):
+    for task in ALL_TASKS[:7]:
+        for ex in sample_examples(task, 2, seed=5):
+            for text in (ex.prompt, ex.target):
+                ids = vocab.encode(text)
+                assert vocab.UNK_ID not in ids
+                assert tok.encode(text, add_special_tokens=False).ids == ids
+                assert tok.encode(text).ids == vocab.encode(text, add_bos=True) == [vocab.BOS_ID] + ids
+                assert vocab.decode(ids) == tok.decode(ids) == " ".join(text.split())
+            full = ex.prompt_ids + ex.target_ids
+            assert tok.decode(full) == vocab.decode(full) == ex.prompt + " " + ex.target
+            raw = vocab.decode(full, skip_special_tokens=False)
+            assert tok.decode(full, skip_special_tokens=False) == raw
+            assert raw.startswith("<bos> ")
+
+
+_TOK = vocab.build_tokenizer()
+_PIECES = list(vocab.TOKENS) + ["foo", "<bos>x", "x<eos>", ".<pad>", "^<bos>", "<", ">", "é", "_", "²", "A:"]
+_SEPS = [" ", " ", "  ", "", "\n", "\t", "\x1c", "\xa0", "\u200b", "\u3000"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.one_of(
+        st.lists(st.tuples(st.sampled_from(_PIECES), st.sampled_from(_SEPS)), max_size=12).map(
+            lambda ps: "".join(p + s for p, s in ps)
+        ),
+        st.text(max_size=20),
+    )
+)
+def test_fast_encode_equals_tokenizers(text):
+    assert vocab.encode(text) == _TOK.encode(text, add_special_tokens=False).ids
+    assert vocab.encode(text, add_bos=True) == _TOK.encode(text).ids
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, vocab.VOCAB_SIZE - 1), max_size=30), st.booleans())
+def test_fast_decode_equals_tokenizers(ids, skip):
+    assert vocab.decode(ids, skip_special_tokens=skip) == _TOK.decode(ids, skip_special_tokens=skip)
+    words = [t for t in vocab.decode(ids, skip_special_tokens=False).split()]
+    assert vocab.encode(" ".join(words)) == ids  # decode -> encode round trip
+
+
+def test_decode_rejects_out_of_range_ids():
+    with pytest.raises(ValueError, match="256"):
+        vocab.decode([4, 256])
+
+
+def test_tokenizer_json_save_load(tmp_path):
+    from tokenizers import Tokenizer
+
+    path = vocab.save_tokenizer(tmp_path)
+    assert path == tmp_path / "tokenizer.json"
+    assert json.loads(path.read_text())["model"]["type"] == "WordLevel"
+    loaded = Tokenizer.from_file(str(path))
+    assert loaded.get_vocab() == vocab.TOKEN_TO_ID
+    text = "SUM i0 3 i1 4 ? zzz"
+    assert loaded.encode(text).ids == vocab.encode(text, add_bos=True)
+    assert loaded.decode(loaded.encode(text).ids) == "SUM i0 3 i1 4 ? <unk>"
+    assert vocab.save_tokenizer(tmp_path / "sub" / "tok.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_registry():
+    assert sorted(TASKS) == sorted(
+        ["running_sum", "var_chain", "niah_single", "niah_multikey", "niah_multivalue",
+         "variable_tracking", "passkey"]
+    )
+    assert REASONING_TASKS == ["running_sum", "var_chain"]
+    assert sorted(REASONING_TASKS + RETRIEVAL_TASKS) == sorted(TASKS)
+    for name, cls in TASKS.items():
+        assert cls.name == name and cls.family in ("reasoning", "retrieval")
+    assert make_task("running_sum", n_digits=5) == RunningSum(n_digits=5)
+    with pytest.raises(ValueError, match="allowed: .*passkey"):
+        make_task("nope")
+    with pytest.raises(ValueError, match="n_keys"):
+        make_task("passkey", n_keys=3)
+
+
+@pytest.mark.parametrize("task", ALL_TASKS, ids=IDS)
+def test_determinism(task):
+    a = sample_examples(task, 4, seed=123)
+    assert a == sample_examples(task, 4, seed=123)
+    assert a != sample_examples(task, 4, seed=124)
+    assert task.sample(np.random.default_rng(7)) == task.sample(np.random.default_rng(7))
+
+
+@pytest.mark.parametrize("task", ALL_TASKS, ids=IDS)
+def test_targets_verify_and_corruptions_fail(task):
+    for ex in sample_examples(task, 20, seed=1):
+        assert ex.task == task.name
+        assert solve(ex) == ex.answer  # independent solver agrees
+        assert ex.target.endswith("A : " + ex.answer)
+        assert "A :" not in ex.prompt
+        assert task.verify(ex, ex.target)
+        assert task.verify(ex, ex.target_ids)  # token ids, <eos> included
+        assert task.verify(ex, ex.target + " <eos> A : 1 2 ; junk")  # cut at <eos>
+        assert not task.verify(ex, _corrupt(ex))
+        assert not task.verify(ex, ex.target + " 7")
+        assert not task.verify(ex, ex.target.replace("A :", "Q :"))
+        assert not task.verify(ex, "")
+
+
+@pytest.mark.parametrize("task", ALL_TASKS, ids=IDS)
+def test_max_len_bounds_and_token_validity(task):
+    for ex in sample_examples(task, 30, seed=2):
+        p, t = ex.prompt_ids, ex.target_ids
+        assert p[0] == vocab.BOS_ID and t[-1] == vocab.EOS_ID
+        assert vocab.BOS_ID not in p[1:] and vocab.EOS_ID not in t[:-1]
+        assert vocab.UNK_ID not in p + t and vocab.PAD_ID not in p + t
+        assert len(p) + len(t) == ex.num_tokens <= task.max_len
+        if task.family == "retrieval":
+            assert len(p) == task.length  # `length` is exact
+
+
+def test_running_sum_hand_worked():
+    # digits 7, 5, 9, 3 -> running sums 7, 7+5=12, 12+9=21, 21+3=24 (all mod 100),
+    # written as two zero-padded digits: "0 7", "1 2", "2 1", "2 4"; final answer "2 4".
+    ex = RunningSum(n_digits=4).make_example([7, 5, 9, 3])
+    assert ex.prompt == "SUM i0 7 i1 5 i2 9 i3 3 ?"
+    assert ex.target == "i0 7 0 7 ; i1 5 1 2 ; i2 9 2 1 ; i3 3 2 4 ; A : 2 4"
+    assert ex.answer == "2 4"
+    # wrap-around: 9 * 12 = 108 -> 08
+    ex = RunningSum(n_digits=12).make_example([9] * 12)
+    assert ex.answer == "0 8" and "i11 9 0 8 ; A : 0 8" in ex.target
+    assert len(ex.prompt_ids) + len(ex.target_ids) == RunningSum(n_digits=12).max_len == 7 * 12 + 8
+    with pytest.raises(ValueError):
+        RunningSum(n_digits=4).make_example([1, 2, 3])
+
+
+def test_var_chain_hand_worked():
+    # chain X5 = 3 ; X9 = X5 + 4 (=7) ; X2 = X9 + 7 (=14 -> 4); listed in order [2, 0, 1]
+    ex = VarChain(n_vars=3).make_example(["X5", "X9", "X2"], 3, [4, 7], [2, 0, 1])
+    assert ex.prompt == "VC X2 = X9 + 7 ; X5 = 3 ; X9 = X5 + 4 ; ? X2"
+    assert ex.target == "X5 3 ; X9 7 ; X2 4 ; A : 4"
+    assert ex.answer == "4"
+
+
+def test_running_sum_lookups_are_far_back():
+    task = RunningSum(n_digits=32)
+    for ex in sample_examples(task, 5, seed=3):
+        seq = [vocab.ID_TO_TOKEN[i] for i in ex.prompt_ids + ex.target_ids]
+        start = len(ex.prompt_ids)
+        distances = []
+        for k in range(32):
+            pos_target = start + 5 * k + 1  # the digit d_k written in step k
+            assert seq[pos_target - 1] == f"i{k}"
+            pos_prompt = seq.index(f"i{k}") + 1  # where d_k sits in the prompt
+            assert seq[pos_prompt] == seq[pos_target]
+            distances.append(pos_target - pos_prompt)
+        assert np.mean(np.array(distances) > 40) >= 0.9
+        assert min(distances) == 2 * 32 + 1  # exactly 2n + 1 + 3k
+
+
+def test_var_chain_lookups_are_far_back():
+    task = VarChain()
+    distances = []
+    for ex in sample_examples(task, 10, seed=4):
+        seq = [vocab.ID_TO_TOKEN[i] for i in ex.prompt_ids + ex.target_ids]
+        start = len(ex.prompt_ids)
+        chain = ex.target.split()[0 : 3 * task.n_vars : 3]
+        for j in range(1, task.n_vars):
+            pos_target = start + 3 * j  # step j writes chain[j]
+            assert seq[pos_target] == chain[j]
+            # its definition `chain[j] = chain[j-1] + c ;` in the prompt
+            pos_def = next(k for k in range(start) if seq[k : k + 2] == [chain[j], "="])
+            assert seq[pos_def + 1] == "=" and seq[pos_def + 2] == chain[j - 1]
+            distances.append(pos_target - pos_def)
+    assert np.median(distances) > 40
+
+
+def test_retrieval_depth_setting():
+    for depth, lo, hi in ((0.0, 0, 3), (1.0, 366, 372)):
+        ex = NiahSingle(depth=depth).sample(np.random.default_rng(0))
+        pos = ex.prompt.split().index("NIAH")
+        assert lo <= pos <= hi, pos
+    ex = Passkey(depth=0.5, length=1000).sample(np.random.default_rng(0))
+    # 1000 prompt tokens = <bos> + 988 filler + 8 needle + 3 query; middle of the filler
+    assert ex.prompt.split().index("PASS") == 494
+
+
+@pytest.mark.parametrize(
+    "make, pattern",
+    [
+        (lambda: RunningSum(n_digits=1), r"n_digits=1 .*\[2, 64\]"),
+        (lambda: RunningSum(n_digits=65), r"n_digits=65"),
+        (lambda: RunningSum(n_digits=2.5), r"n_digits=2.5"),
+        (lambda: RunningSum(n_digits=True), r"n_digits=True"),
+        (lambda: VarChain(n_vars=33), r"n_vars=33 .*\[2, 32\]"),
+        (lambda: NiahSingle(length=63), r"length=63 .*\[64, 8192\]"),
+        (lambda: Passkey(length=8193), r"length=8193"),
+        (lambda: NiahSingle(depth=1.5), r"depth=1.5"),
+        (lambda: NiahMultiKey(n_keys=8, length=64), r"length=64 .*n_keys=8"),
+        (lambda: NiahMultiValue(n_values=0), r"n_values=0"),
+        (lambda: VariableTracking(n_chains=8, n_hops=4), r"n_chains=8, n_hops=4 .*<= 32"),
+        (lambda: make_task("var_chain", n_vars=-3), r"n_vars=-3"),
+    ],
+)
+def test_bad_settings_raise(make, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        make()
+
+
+def test_settings_are_frozen_and_numpy_ints_accepted():
+    t = RunningSum(n_digits=np.int64(8))
+    assert type(t.n_digits) is int and t.max_len == 64
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        t.n_digits = 4
+    with pytest.raises(TypeError, match="Generator"):
+        t.sample(0)
+
+
+def test_extract_answer():
+    assert extract_answer("i0 A : 1 2 ; A : 3   4 <eos> A : 9") == "3 4"
+    assert extract_answer("A : 5") == "5"
+    assert extract_answer("no marker here") == ""
+    assert extract_answer("A :") == ""
+    assert extract_answer(vocab.encode("A : X3 X7") + [vocab.EOS_ID, vocab.PAD_ID]) == "X3 X7"
+
+
+# ----------------------------------------------------------------------------------------------
+# JSONL benchmark files.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_read_jsonl_gsm8k_and_math500(tmp_path):
+    gsm = tmp_path / "gsm8k.jsonl"
+    gsm.write_text(
+        json.dumps({"question": "How many?", "answer": "3 + 4 = <<3+4=7>>7 apples.\n#### 1,234"}) + "\n\n"
+        + json.dumps({"question": "Q2", "answer": "#### 42"}) + "\n"
+    )
+    probs = read_jsonl(gsm)
+    assert [p.question for p in probs] == ["How many?", "Q2"]
+    assert [p.answer for p in probs] == ["1,234", "42"]
+    assert [p.line for p in probs] == [1, 3]
+    assert answers_match("The total is 1234.", "1,234") is False  # full text is not an answer
+    assert answers_match(extract_final_answer("The total is 1234."), probs[0].answer)
+
+    math = tmp_path / "math500.jsonl"
+    math.write_text(
+        json.dumps(
+            {"problem": "Half?", "solution": "So it is $\\boxed{\\frac{1}{2}}$.", "answer": "\\frac{1}{2}"}
+        )
+        + "\n"
+        + json.dumps({"problem": "Nested", "solution": "x = \\boxed{\\frac{a}{b^{2}}}"}) + "\n"
+    )
+    probs = read_jsonl(math)
+    assert probs[0].answer == "\\frac{1}{2}" and probs[0].solution.startswith("So it is")
+    assert probs[1].answer == "\\frac{a}{b^{2}}"  # no `answer` key: falls back to `solution`
+    assert answers_match(extract_final_answer("thus \\boxed{0.5}"), probs[0].answer)
+    assert answers_match("1/2", probs[0].answer)
+    assert not answers_match("\\frac{1}{3}", probs[0].answer)
+
+    custom = tmp_path / "custom.jsonl"
+    custom.write_text(json.dumps({"q": "x", "a": 7}) + "\n")
+    (p,) = read_jsonl(custom, question_key="q", answer_key="a")
+    assert (p.question, p.answer) == ("x", "7")
+    with pytest.raises(ValueError, match=r"custom.jsonl:1: no question field"):
+        read_jsonl(custom)
+
+
+def test_read_jsonl_errors(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        read_jsonl(missing)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "a", "answer": "1"}) + "\n{not json\n")
+    with pytest.raises(ValueError, match=re.escape(f"{bad}:2")):
+        read_jsonl(bad)
+    bad.write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a JSON object"):
+        read_jsonl(bad)
+
+
+def test_extract_and_normalize():
+    assert extract_final_answer("a \\boxed{1} then \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
+    assert extract_final_answer("\\boxed{\\sqrt{x^{2}}} \\boxed{oops") == "\\sqrt{x^{2}}"
+    assert extract_final_answer("We get 3 apples and 1,250 pears.") == "1,250"
+    assert extract_final_answer("final: -2.5") == "-2.5"
+    assert extract_final_answer("no numbers") is None
+    assert normalize_answer("$\\dfrac{3}{4}$") == "3/4"
+    assert normalize_answer("\\frac12") == "1/2"
+    assert normalize_answer("\\frac{x+1}{2}") == "(x+1)/2"
+    assert normalize_answer(" 1,000,000 ") == "1000000"
+    assert normalize_answer("42.0") == "42" and normalize_answer("2.50") == "2.5"
+    assert normalize_answer("\\text{(C)}") == "(C)"
+    assert normalize_answer("\\boxed{7}") == "7"
+    assert answers_match("0.5", "\\frac{1}{2}") and answers_match("$18$", "18.00")
+    assert answers_match("(1,2)", "(1, 2)") and not answers_match("3", "4")
+    assert not answers_match(None, "1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_make_training_batch_loss_mask():
+    exs = [RunningSum(n_digits=2).make_example([3, 4]), RunningSum(n_digits=3).make_example([1, 2, 3])]
+    batch = make_training_batch(exs, seq_len=40)
+    tokens, mask = batch["tokens"], batch["loss_mask"]
+    assert tokens.shape == mask.shape == (2, 40)
+    assert tokens.dtype == np.int32 and mask.dtype == np.float32
+    for b, ex in enumerate(exs):
+        p, t = ex.prompt_ids, ex.target_ids
+        n = len(p) + len(t)
+        assert tokens[b, :n].tolist() == p + t
+        assert (tokens[b, n:] == vocab.PAD_ID).all()
+        ones = np.nonzero(mask[b])[0]
+        # positions whose NEXT token is a target token: P-1 .. P+T-2
+        assert ones.tolist() == list(range(len(p) - 1, n - 1))
+        assert tokens[b, ones + 1].tolist() == t
+    # exact fit is fine, one token too few is not
+    n0 = exs[0].num_tokens
+    assert make_training_batch(exs[:1], n0)["loss_mask"][0, -1] == 0
+    with pytest.raises(ValueError, match=f"seq_len={n0 - 1}"):
+        make_training_batch(exs[:1], n0 - 1)
+
+
+def test_pad_prompts():
+    tokens, lengths = pad_prompts([[1, 5, 6], [1], [1, 7]])
+    assert tokens.dtype == np.int32 and lengths.dtype == np.int32
+    assert tokens.tolist() == [[1, 5, 6], [1, 0, 0], [1, 7, 0]]
+    assert lengths.tolist() == [3, 1, 2]
+    tokens, _ = pad_prompts([np.array([1, 2])], pad_to=4)
+    assert tokens.tolist() == [[1, 2, 0, 0]]
+    with pytest.raises(ValueError):
+        pad_prompts([[1, 2, 3]], pad_to=2)
+    with pytest.raises(ValueError):
+        pad_prompts([])

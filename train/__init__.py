@@ -1,0 +1,1 @@
+"""Entry points: `python -m train <command>` (pretrain, eval, demo, ...)."""
