@@ -1,0 +1,243 @@
+"""The evaluation harness (`jaxkv.eval`) and the method registry (`jaxkv.policies.registry`)."""
+import importlib
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxkv import eval as ev
+from jaxkv import tasks
+from jaxkv.generate import Generation
+from jaxkv.model import Model, ModelConfig, init_model
+from jaxkv.policies import registry
+
+TASK_SETTINGS = {"running_sum": {"n_digits": 4}, "niah_single": {"length": 64}}
+REQUIRED_KEYS = {"task", "method", "budget", "measured_budget", "accuracy", "n", "ci_low",
+                 "ci_high", "cache_bytes", "full_cache_bytes", "correct"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = ModelConfig(vocab_size=len(tasks.TOKENS), hidden_size=32, intermediate_size=64,
+                      num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                      max_position_embeddings=256, bos_token_id=tasks.BOS_ID,
+                      eos_token_id=(tasks.EOS_ID,), pad_token_id=tasks.PAD_ID)
+    # `init_model(cfg)` runs Flax's init op by op (~70 small compiles, over 10 s on a busy 2-core
+    # CPU); the harness only needs some weights of the right shapes, so draw them directly.
+    shapes = jax.eval_shape(lambda: init_model(cfg, seed=0).params)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(
+        lambda s: np.ones(s.shape, s.dtype) if len(s.shape) == 1
+        else (0.2 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+    return Model(config=cfg, params=params)
+
+
+@pytest.fixture
+def oracle():
+    """A test-only method: full cache (policy None), recording the settings it receives."""
+    seen = []
+
+    def factory(budget, model, **settings):
+        seen.append((budget, settings))
+        return None
+
+    registry.register_method("oracle", factory)
+    yield seen
+    registry.unregister_method("oracle")
+
+
+def _config(out_dir, budgets=(0.5,), **kw):
+    kw.setdefault("method_settings", {"oracle": {"window": 7}})
+    return ev.EvalConfig(methods=("full", "oracle"), budgets=budgets,
+                         tasks=("running_sum", "niah_single"), n_samples=4, batch_size=2,
+                         seed=3, task_settings=TASK_SETTINGS, out_dir=str(out_dir), **kw)
+
+
+def _generate_module():
+    # the package attribute `jaxkv.generate` is the function; the harness calls the module's
+    return importlib.import_module("jaxkv.generate")
+
+
+def _count_generate(monkeypatch):
+    gen_mod = _generate_module()
+    calls = []
+    real = gen_mod.generate
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen_mod, "generate", counting)
+    return calls
+
+
+def test_evaluate_records_files_and_resume(model, oracle, tmp_path, monkeypatch, capsys):
+    calls = _count_generate(monkeypatch)
+    config = _config(tmp_path)
+    records = ev.evaluate(model, config, progress=False)
+
+    # full once per task (budget 1.0) + oracle at one budget, per task; 4 examples = 2 batches
+    assert [(r["task"], r["method"], r["budget"]) for r in records] == [
+        ("running_sum", "full", 1.0), ("running_sum", "oracle", 0.5),
+        ("niah_single", "full", 1.0), ("niah_single", "oracle", 0.5)]
+    assert len(calls) == 4 * 2
+    for r in records:
+        assert REQUIRED_KEYS <= set(r)
+        assert r["n"] == 4 and len(r["correct"]) == 4 and set(r["correct"]) <= {0, 1}
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert r["accuracy"] == sum(r["correct"]) / 4
+        assert r["ci_low"] <= r["accuracy"] <= r["ci_high"]
+        assert r["measured_budget"] == r["cache_bytes"] / r["full_cache_bytes"]
+        # the oracle keeps the full cache too, so both measure exactly 1.0
+        assert r["measured_budget"] == 1.0
+    assert records[0]["family"] == "reasoning" and records[2]["family"] == "retrieval"
+    # max_new_tokens derived from the task: running_sum 4 digits -> 5*4 + 5; niah -> A : 4 v <eos>
+    assert records[0]["max_new_tokens"] == 25 and records[2]["max_new_tokens"] == 7
+    # the registry passed the budget and the method settings through, once per (task, budget)
+    assert oracle == [(0.5, {"window": 7})] * 2
+
+    assert os.path.getsize(tmp_path / "accuracy_vs_budget.png") > 0
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    assert [ev.record_key(r) for r in saved] == [ev.record_key(r) for r in records]
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+    # Same config again: everything is reused, nothing generated, and it says so.
+    calls.clear()
+    again = ev.evaluate(model, config, progress=True)
+    assert calls == []
+    assert again == saved
+    assert capsys.readouterr().out.count("skip ") == 4
+
+    # A new budget: only the oracle at 0.25 runs (2 tasks x 2 batches); the rest is reused.
+    more = ev.evaluate(model, _config(tmp_path, budgets=(0.5, 0.25)), progress=False)
+    assert len(calls) == 2 * 2
+    assert [(r["task"], r["method"], r["budget"]) for r in more] == [
+        ("running_sum", "full", 1.0), ("running_sum", "oracle", 0.5),
+        ("running_sum", "oracle", 0.25), ("niah_single", "full", 1.0),
+        ("niah_single", "oracle", 0.5), ("niah_single", "oracle", 0.25)]
+    with open(tmp_path / "results.json") as f:
+        assert len(json.load(f)) == 6
+
+    # Different method settings are a different record: recomputed, not reused.
+    calls.clear()
+    ev.evaluate(model, _config(tmp_path, method_settings={"oracle": {"window": 9}}),
+                progress=False)
+    assert len(calls) == 2 * 2
+
+    table = ev.format_table(more)
+    assert "running_sum" in table and "avg:reasoning" in table and "avg:retrieval" in table
+
+
+def test_evaluate_verifies_paired_examples(model, tmp_path, monkeypatch):
+    """A fake generator that answers every prompt with its target (then EOS and junk) scores
+    1.0; one that answers nothing scores 0.0; byte counts are summed over batches."""
+    examples = {tuple(ex.prompt_ids): ex
+                for name, settings in TASK_SETTINGS.items()
+                for ex in tasks.sample_examples(tasks.make_task(name, **settings), 4, 3)}
+    gen_mod = _generate_module()
+
+    def perfect(model, prompts, max_new_tokens, policy=None, eos_ids=None, **kw):
+        toks = [examples[tuple(p)].target_ids + [tasks.encode("A")[0]] for p in prompts]
+        return Generation(tokens=toks, texts=None, cache_bytes=10 * len(prompts),
+                          full_cache_bytes=40 * len(prompts),
+                          prompt_lengths=[len(p) for p in prompts])
+
+    monkeypatch.setattr(gen_mod, "generate", perfect)
+    config = ev.EvalConfig(methods=("full",), budgets=(), tasks=tuple(TASK_SETTINGS),
+                           n_samples=4, batch_size=3, seed=3, task_settings=TASK_SETTINGS)
+    for r in ev.evaluate(model, config, progress=False):
+        assert r["accuracy"] == 1.0 and r["correct"] == [1, 1, 1, 1]
+        # batches of 3 and 1 (the short one padded to 3 rows, bytes scaled back to 1 row)
+        assert r["cache_bytes"] == 40 and r["full_cache_bytes"] == 160
+        assert r["measured_budget"] == 0.25
+
+    def silent(model, prompts, max_new_tokens, **kw):
+        return Generation(tokens=[[tasks.EOS_ID]] * len(prompts), texts=None, cache_bytes=1,
+                          full_cache_bytes=1, prompt_lengths=[len(p) for p in prompts])
+
+    monkeypatch.setattr(gen_mod, "generate", silent)
+    for r in ev.evaluate(model, config, progress=False):
+        assert r["accuracy"] == 0.0 and r["ci_low"] == 0.0
+
+
+def test_wilson_interval_hand_checked():
+    # k = 8, n = 10, z = 1.959964, z^2 = 3.841459:
+    #   denom  = 1 + z^2/n = 1.3841459
+    #   center = (0.8 + z^2/(2n)) / denom = (0.8 + 0.1920729) / 1.3841459 = 0.716738
+    #   half   = z / denom * sqrt(0.8 * 0.2 / 10 + z^2 / (4 * 100))
+    #          = 1.415999 * sqrt(0.016 + 0.0096036) = 1.415999 * 0.1600112 = 0.226576
+    #   -> [0.490162, 0.943314]
+    lo, hi = ev.wilson_interval(8, 10)
+    assert lo == pytest.approx(0.490162, abs=1e-5)
+    assert hi == pytest.approx(0.943314, abs=1e-5)
+    # k = 0: center = half = (z^2/2n)/denom, so the lower end is exactly 0
+    lo, hi = ev.wilson_interval(0, 10)
+    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.277533, abs=1e-5)
+    assert ev.wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError):
+        ev.wilson_interval(3, 2)
+
+
+def test_paired_bootstrap():
+    a = [1, 0, 1, 1, 0, 1, 0, 0]
+    assert ev.paired_bootstrap(a, a, n_boot=500) == (0.0, 0.0, 0.0)
+    # differences a - b = [1, 0, 0, 1]: mean 2/4 = 0.5; every resample mean lies in [0, 1]
+    mean, lo, hi = ev.paired_bootstrap([1, 1, 1, 1], [0, 1, 1, 0], n_boot=2000, seed=1)
+    assert mean == 0.5
+    assert 0.0 <= lo < 0.5 < hi <= 1.0
+    # a constant difference has a degenerate interval
+    assert ev.paired_bootstrap([1, 1, 1], [0, 0, 0], n_boot=100) == (1.0, 1.0, 1.0)
+    # deterministic in the seed
+    assert ev.paired_bootstrap(a, a[::-1], seed=4) == ev.paired_bootstrap(a, a[::-1], seed=4)
+    with pytest.raises(ValueError):
+        ev.paired_bootstrap([1, 0], [1, 0, 1])
+
+
+def test_registry(model, oracle):
+    assert {"full", "oracle"} <= set(registry.available_methods())
+    for budget in (1.0, 0.3):
+        assert registry.make_policy("full", budget, model) is None
+    assert registry.make_policy("oracle", 0.2, model, window=3) is None
+    assert oracle[-1] == (0.2, {"window": 3})
+    with pytest.raises(ValueError, match="available are .*full"):
+        registry.make_policy("nope", 0.5, model)
+    with pytest.raises(ValueError, match="budget"):
+        registry.make_policy("full", 1.5, model)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_method("full", lambda budget, model: None)
+
+    @registry.register_method("decorated")
+    def _factory(budget, model):
+        return None
+    try:
+        assert "decorated" in registry.available_methods()
+    finally:
+        registry.unregister_method("decorated")
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"methods": ("full", "nope")}, "methods\\[1\\]"),
+    ({"budgets": (0.5, 0.0)}, "budgets\\[1\\]"),
+    ({"budgets": (1.5,)}, "budgets\\[0\\]"),
+    ({"budgets": (math.nan,)}, "budgets\\[0\\]"),
+    ({"tasks": ("no_such_task",)}, "no_such_task"),
+    ({"n_samples": 0}, "n_samples"),
+    ({"batch_size": -1}, "batch_size"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"method_settings": {"snapkv": {}}}, "method_settings"),
+])
+def test_config_validation(changes, match):
+    kw = dict(methods=("full",), budgets=(0.5,), tasks=("running_sum",))
+    kw.update(changes)
+    with pytest.raises(ValueError, match=match):
+        ev.EvalConfig(**kw)
+
+
+def test_config_normalises():
+    c = ev.EvalConfig(methods=["full"], budgets=[1, 0.5], tasks="running_sum")
+    assert c.methods == ("full",) and c.budgets == (1.0, 0.5) and c.tasks == ("running_sum",)
+    assert np.isclose(c.budgets[1], 0.5)

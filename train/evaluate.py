@@ -1,0 +1,23 @@
+"""`python -m train eval`: methods x budgets x tasks -> DIR/results.json and a plot."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+def run_eval(config_spec: str, out_dir: str, model_path: Optional[str] = None,
+             n: Optional[int] = None, progress: bool = True):
+    from jaxkv.embedded import load_embedded
+    from jaxkv.eval import evaluate, format_table
+    from train.config_loading import load_config
+
+    config = load_config(config_spec)
+    changes = {"out_dir": out_dir}
+    if n is not None:
+        changes["n_samples"] = n
+    config = dataclasses.replace(config, **changes)
+    model = load_embedded(model_path)
+    records = evaluate(model, config, progress=progress)
+    print(format_table(records))
+    print(f"wrote {out_dir}/results.json and {out_dir}/accuracy_vs_budget.png")
+    return records
