@@ -27,7 +27,11 @@ _REGISTRY: Dict[str, Factory] = {}
 
 #: Modules imported lazily before any lookup; each calls `register_method` at import time.
 #: Add a method's module here when it lands (e.g. "jaxkv.policies.snapkv").
-_PLUGIN_MODULES: Tuple[str, ...] = ()
+_PLUGIN_MODULES: Tuple[str, ...] = (
+    "jaxkv.policies.streaming",
+    "jaxkv.policies.rlkv",  # also "random_heads"
+    "jaxkv.policies.duo",
+)
 _plugins_loaded = False
 
 

@@ -1,0 +1,401 @@
+"""RLKV deployment: reasoning-critical KV heads (learned gates) keep the full cache, the others a
+constant-size streaming cache (sink + recent window). See METHODS.md section 1.
+
+Gates: `alpha[l, h]` in [0, 1], shape [layers, kv_heads] (the G query heads of a group share it).
+
+Head selection at sparsity s (global over all N = L * Hkv gates, NOT per layer):
+    n_stream = round(s * N)   (round half up: floor(s * N + 0.5))
+    Sort the heads by gate, ascending, with a *stable* sort over the row-major (layer, head)
+    order; the first n_stream heads stream, the rest keep the full cache.
+With distinct gates this is exactly "heads with alpha >= quantile(alpha, s) keep the full cache",
+the quantile taken as the (n_stream)-th smallest gate (nearest-rank). With ties at the threshold
+the rule still streams exactly n_stream heads: among equal gates the head earlier in (layer, head)
+order streams first. Example: gates [[0.5, 0.5], [0.5, 0.9]], s = 0.5 -> n_stream = 2 -> the two
+0.5 heads first in order, (0, 0) and (0, 1), stream; (1, 0) and (1, 1) keep the full cache.
+
+Budget -> sparsity (what the "rlkv" / "duo" / "random_heads" factories do): with T cache slots per
+sequence and head in the full cache (prompt + generated tokens) and sink + window slots per
+streaming head, the cache holds (1 - s) * T + s * (sink + window) slots per head on average, so
+bytes = budget * full bytes gives
+
+    s = (1 - budget) / (1 - (sink + window) / T),   clipped to [0, 1)
+
+(when sink + window >= T streaming saves nothing and s = 0). The achieved budget differs from the
+requested one by the rounding of n_stream to whole heads. Without `prompt_len`, `RLKV(gates,
+budget=b)` evaluates this at compression time with T = the real capacity of the cache.
+
+Gate files (`save_gates` / `load_gates`), human-readable:
+    JSON (.json): {"layers": L, "kv_heads": K, "gates": [[g00, g01, ...], ...]}
+    TSV (.tsv or .txt): one row per layer, K tab-separated gates; blank lines and lines starting
+    with '#' are ignored on load.
+Values are written with Python's shortest round-trip repr, so a round trip is exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from jaxkv.cache.headsplit import HeadSplitCache
+from jaxkv.policies.base import Policy, check_budget
+from jaxkv.policies.registry import register_method
+
+GateTuple = Tuple[Tuple[float, ...], ...]
+_JSON_EXT = (".json",)
+_TSV_EXT = (".tsv", ".txt")
+
+
+# ---- gates --------------------------------------------------------------------------------------
+
+def check_gates(gates, name: str = "gates") -> np.ndarray:
+    """float64 [L, K] array of gates in [0, 1]; raises ValueError naming `name` otherwise."""
+    try:
+        arr = np.asarray(gates, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: expected a [layers, kv_heads] array of numbers in [0, 1] "
+                         f"({e})") from None
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{name}: expected a non-empty [layers, kv_heads] array, got shape "
+                         f"{arr.shape}")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        l, h = np.argwhere(bad)[0]
+        raise ValueError(f"{name}[{l}][{h}]={arr[l, h]}: gates must be finite numbers in [0, 1] "
+                         f"({int(bad.sum())} are NaN or infinite)")
+    out = (arr < 0) | (arr > 1)
+    if out.any():
+        l, h = np.argwhere(out)[0]
+        raise ValueError(f"{name}[{l}][{h}]={arr[l, h]}: gates must lie in [0, 1] "
+                         f"({int(out.sum())} values outside)")
+    return arr
+
+
+def _gate_format(path, argname: str = "path") -> str:
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext in _JSON_EXT:
+        return "json"
+    if ext in _TSV_EXT:
+        return "tsv"
+    raise ValueError(f"{argname}={os.fspath(path)!r}: unknown gate file extension {ext!r}; use "
+                     f"{', '.join(_JSON_EXT + _TSV_EXT)}")
+
+
+def save_gates(path, gates) -> str:
+    """Write gates [L, K] to `path` as JSON (.json) or TSV (.tsv, .txt); returns the path."""
+    arr = check_gates(gates)
+    fmt = _gate_format(path)
+    rows = [[float(x) for x in row] for row in arr]
+    path = os.fspath(path)
+    if fmt == "json":
+        body = ",\n".join("    [" + ", ".join(repr(x) for x in row) + "]" for row in rows)
+        text = (f'{{\n  "layers": {arr.shape[0]},\n  "kv_heads": {arr.shape[1]},\n'
+                f'  "gates": [\n{body}\n  ]\n}}\n')
+    else:
+        text = "".join("\t".join(repr(x) for x in row) + "\n" for row in rows)
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise ValueError(f"path={path!r}: cannot write the gate file ({e.strerror})") from None
+    return path
+
+
+def load_gates(path) -> np.ndarray:
+    """Read a gate file written by `save_gates` (or by hand) -> float64 [L, K] in [0, 1]."""
+    path = os.fspath(path)
+    fmt = _gate_format(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"path={path!r}: gate file not found")
+    with open(path) as f:
+        text = f.read()
+    if fmt == "json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"path={path!r}: not valid JSON ({e})") from None
+        if not isinstance(data, dict) or "gates" not in data:
+            raise ValueError(f"path={path!r}: expected a JSON object "
+                             f'{{"layers": L, "kv_heads": K, "gates": [[...], ...]}}')
+        rows = data["gates"]
+        if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows) or \
+                len({len(r) for r in rows}) > 1:
+            raise ValueError(f"path={path!r}: \"gates\" must be a list of equal-length rows")
+        arr = check_gates(rows, name=f"gates in {path!r}")
+        for key, n in (("layers", arr.shape[0]), ("kv_heads", arr.shape[1])):
+            if key in data and data[key] != n:
+                raise ValueError(f"path={path!r}: \"{key}\"={data[key]!r} but \"gates\" has {n}")
+        return arr
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            rows.append([float(x) for x in line.split("\t")])
+        except ValueError:
+            raise ValueError(f"path={path!r}, line {lineno}: expected tab-separated numbers, "
+                             f"got {line[:60]!r}") from None
+    if len({len(r) for r in rows}) > 1:
+        raise ValueError(f"path={path!r}: rows have different numbers of gates "
+                         f"{sorted({len(r) for r in rows})}; expected one row of kv_heads gates "
+                         f"per layer")
+    return check_gates(rows, name=f"gates in {path!r}")
+
+
+def random_gates(layers: int, kv_heads: int, seed: int = 0) -> np.ndarray:
+    """Uniform [0, 1) gates [layers, kv_heads] from `seed`: the random-head baseline."""
+    for name, value in (("layers", layers), ("kv_heads", kv_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: must be a positive integer")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed={seed!r}: must be an integer")
+    return np.random.default_rng(int(seed)).random((layers, kv_heads))
+
+
+def plot_gates(gates, path, title: Optional[str] = None, sparsity: Optional[float] = None) -> str:
+    """Heat map of gates [L, K] (layers down, KV heads across) written to `path` (PNG, PDF, ...
+    by extension). With `sparsity`, the streaming heads of that deployment are marked with x.
+    Uses the Agg canvas directly (no pyplot state). Returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    arr = check_gates(gates)
+    layers, heads = arr.shape
+    fig = Figure(figsize=(1.2 + 0.45 * max(heads, 4), 1.0 + 0.35 * max(layers, 4)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(arr, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto",
+                   interpolation="nearest")
+    fig.colorbar(im, ax=ax, label="gate alpha")
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(heads))
+    ax.set_yticks(range(layers))
+    if layers * heads <= 256:
+        for (l, h), g in np.ndenumerate(arr):
+            ax.text(h, l, f"{g:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if g < 0.5 else "black")
+    if sparsity is not None:
+        _, stream = select_heads(_as_tuple(arr), check_sparsity(sparsity))
+        pts = [(h, l) for l, hs in enumerate(stream) for h in hs]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.scatter(xs, ys, marker="x", s=60, c="red", label="streaming")
+            ax.legend(loc="upper right", fontsize=7)
+    ax.set_title(title or f"RLKV gates ({layers} layers x {heads} KV heads)")
+    fig.tight_layout()
+    path = os.fspath(path)
+    try:
+        fig.savefig(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"path={path!r}: cannot write the plot ({e})") from None
+    return path
+
+
+# ---- head selection -----------------------------------------------------------------------------
+
+def check_sparsity(sparsity, name: str = "sparsity") -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float, np.floating)) \
+            or math.isnan(sparsity) or not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"{name}={sparsity!r}: must be a fraction of streaming heads in [0, 1)")
+    return float(sparsity)
+
+
+def num_streaming(sparsity: float, total_heads: int) -> int:
+    """round(sparsity * total_heads), halves rounded up."""
+    return int(math.floor(sparsity * total_heads + 0.5))
+
+
+def select_heads(gates, sparsity: float) -> Tuple[GateTuple, GateTuple]:
+    """(full_heads, stream_heads): per layer, sorted tuples of KV-head indices (see module doc:
+    global, rank-based, stable; exactly round(sparsity * L * K) heads stream).
+    gates: [L, K] array-like in [0, 1]; sparsity in [0, 1)."""
+    if not (isinstance(gates, tuple) and all(isinstance(r, tuple) for r in gates)):
+        gates = _as_tuple(check_gates(gates))
+    return _select_heads(gates, check_sparsity(sparsity))
+
+
+@functools.lru_cache(maxsize=256)
+def _select_heads(gates: GateTuple, sparsity: float) -> Tuple[GateTuple, GateTuple]:
+    arr = np.asarray(gates, np.float64)
+    layers, heads = arr.shape
+    n = num_streaming(sparsity, arr.size)
+    order = np.argsort(arr.ravel(), kind="stable")  # ascending, ties in (layer, head) order
+    streaming = np.zeros(arr.size, bool)
+    streaming[order[:n]] = True
+    streaming = streaming.reshape(layers, heads)
+    full = tuple(tuple(int(h) for h in np.flatnonzero(~row)) for row in streaming)
+    stream = tuple(tuple(int(h) for h in np.flatnonzero(row)) for row in streaming)
+    return full, stream
+
+
+def sparsity_for_budget(budget: float, sink: int, window: int, prompt_len: int) -> float:
+    """s = (1 - budget) / (1 - (sink + window) / prompt_len), clipped to [0, 1); 0 when
+    sink + window >= prompt_len (streaming cannot save memory then)."""
+    budget = check_budget(budget)
+    if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 1:
+        raise ValueError(f"prompt_len={prompt_len!r}: must be a positive integer")
+    frac = (sink + window) / prompt_len
+    if frac >= 1.0:
+        return 0.0
+    s = (1.0 - budget) / (1.0 - frac)
+    return float(min(max(s, 0.0), np.nextafter(1.0, 0.0)))
+
+
+def _as_tuple(arr: np.ndarray) -> GateTuple:
+    return tuple(tuple(float(x) for x in row) for row in arr)
+
+
+def _check_size(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r}: must be an integer >= 0")
+    return value
+
+
+# ---- policy -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RLKV(Policy):
+    """Head-split deployment of learned gates.
+
+    gates:    [layers, kv_heads] array-like in [0, 1], or the path of a gate file (JSON / TSV);
+              stored as a tuple of tuples of floats, so the policy is hashable (a static jit key)
+    sparsity: fraction of all L * Hkv KV heads that stream, in [0, 1)
+    sink, window: tokens each streaming head keeps (paper inference: 16 + 64)
+    budget:   instead of sparsity: fraction of the full cache in (0, 1]; the sparsity is then
+              derived at compression time from the real cache capacity (see module doc)
+
+    `full_heads[l]` / `stream_heads[l]` (sparsity mode) are the per-layer splits.
+    """
+
+    gates: Any
+    sparsity: Optional[float] = None
+    sink: int = 16
+    window: int = 64
+    budget: Optional[float] = None
+    full_heads: Optional[GateTuple] = dataclasses.field(default=None, init=False, repr=False,
+                                                        compare=False)
+    stream_heads: Optional[GateTuple] = dataclasses.field(default=None, init=False, repr=False,
+                                                          compare=False)
+
+    name = "rlkv"
+
+    def __post_init__(self):
+        gates = self.gates
+        if isinstance(gates, (str, os.PathLike)):
+            try:
+                gates = load_gates(gates)
+            except ValueError as e:
+                raise ValueError(f"gates: {e}") from None
+        object.__setattr__(self, "gates", _as_tuple(check_gates(gates)))
+        _check_size("sink", self.sink)
+        _check_size("window", self.window)
+        if (self.sparsity is None) == (self.budget is None):
+            raise ValueError(f"sparsity={self.sparsity!r}, budget={self.budget!r}: give exactly "
+                             f"one (sparsity in [0, 1) or budget in (0, 1])")
+        if self.sparsity is not None:
+            object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
+            full, stream = select_heads(self.gates, self.sparsity)
+            object.__setattr__(self, "full_heads", full)
+            object.__setattr__(self, "stream_heads", stream)
+        else:
+            object.__setattr__(self, "budget", check_budget(self.budget))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.gates)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.gates[0])
+
+    def gates_array(self) -> np.ndarray:
+        """float64 [layers, kv_heads]."""
+        return np.asarray(self.gates, np.float64)
+
+    def sparsity_for_capacity(self, capacity: int) -> float:
+        """The sparsity used for a cache of `capacity` slots per sequence (prompt + decoding)."""
+        if self.sparsity is not None:
+            return self.sparsity
+        return sparsity_for_budget(self.budget, self.sink, self.window, capacity)
+
+    def head_split(self, capacity: Optional[int] = None) -> Tuple[GateTuple, GateTuple]:
+        """(full_heads, stream_heads) per layer; `capacity` is needed only in budget mode."""
+        if self.sparsity is not None:
+            return self.full_heads, self.stream_heads
+        if capacity is None:
+            raise ValueError("capacity=None: a budget-mode RLKV needs the cache capacity to "
+                             "choose its heads")
+        return select_heads(self.gates, self.sparsity_for_capacity(capacity))
+
+    def check_model(self, config) -> None:
+        """Gates must be [config.num_layers, config.num_kv_heads]; sink and window must fit the
+        context (max_position_embeddings)."""
+        want = (config.num_layers, config.num_kv_heads)
+        got = (self.num_layers, self.num_kv_heads)
+        if got != want:
+            raise ValueError(f"gates: shape {list(got)} does not match the model's "
+                             f"[layers, kv_heads] = {list(want)}")
+        limit = config.max_position_embeddings
+        for name in ("sink", "window"):
+            if getattr(self, name) > limit:
+                raise ValueError(f"{name}={getattr(self, name)}: larger than the model's context "
+                                 f"max_position_embeddings={limit}")
+
+    def compress_layer(self, layer, cache, obs):
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"gates: have {self.num_layers} layers, but layer {layer} was "
+                             f"compressed; the gates do not match this model")
+        kv = cache.k.shape[1]
+        if kv != self.num_kv_heads:
+            raise ValueError(f"gates: have {self.num_kv_heads} KV heads per layer, but the "
+                             f"model's layer {layer} has {kv}")
+        full, stream = self.head_split(cache.capacity + obs.extra_capacity)
+        return HeadSplitCache.from_dense(cache, full[layer], stream[layer], self.sink, self.window,
+                                         obs.extra_capacity)
+
+
+def policy_for_budget(cls, budget: float, model, gates, sink: int, window: int,
+                      prompt_len: Optional[int], method: str):
+    """Shared by the registered factories: `cls(gates, sparsity)` with the sparsity that matches
+    `budget` for `prompt_len` cache slots (or budget mode when prompt_len is None)."""
+    if gates is None:
+        raise ValueError(f"gates=None: method {method!r} needs gates, a gate file path (JSON or "
+                         f"TSV, see jaxkv.policies.rlkv.save_gates) or a [layers, kv_heads] array")
+    budget = check_budget(budget)
+    if prompt_len is None:
+        policy = cls(gates, budget=budget, sink=sink, window=window)
+    else:
+        _check_size("sink", sink)
+        _check_size("window", window)
+        policy = cls(gates, sparsity_for_budget(budget, sink, window, prompt_len), sink=sink,
+                     window=window)
+    policy.check_model(model.config)
+    return policy
+
+
+@register_method("rlkv")
+def _rlkv(budget: float, model, gates=None, sink: int = 16, window: int = 64,
+          prompt_len: Optional[int] = None):
+    """RLKV with trained gates (path or array). Budget -> sparsity as in the module doc;
+    prompt_len = full-cache slots per sequence (prompt + generated), default: the real capacity."""
+    return policy_for_budget(RLKV, budget, model, gates, sink, window, prompt_len, "rlkv")
+
+
+@register_method("random_heads")
+def _random_heads(budget: float, model, seed: int = 0, sink: int = 16, window: int = 64,
+                  prompt_len: Optional[int] = None):
+    """Baseline: the same deployment with uniform random gates (`random_gates(L, K, seed)`)."""
+    c = model.config
+    return policy_for_budget(RLKV, budget, model, random_gates(c.num_layers, c.num_kv_heads, seed),
+                             sink, window, prompt_len, "random_heads")
+
+
+__all__ = ["RLKV", "check_gates", "save_gates", "load_gates", "plot_gates", "random_gates",
+           "select_heads", "sparsity_for_budget", "num_streaming", "check_sparsity",
+           "policy_for_budget"]

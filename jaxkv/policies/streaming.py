@@ -1,0 +1,101 @@
+"""StreamingLLM (Xiao et al., 2023): every head keeps `sink` first tokens + a `window` of recent
+tokens (a ring buffer while decoding). Keys keep the RoPE of their original positions (no
+re-positioning inside the cache), which is how DuoAttention / RLKV deploy their streaming heads.
+
+Sizing by budget: the full cache holds T slots per sequence and head (T = prompt + generated
+tokens, the capacity `generate` allocates); StreamingLLM holds sink + window. For a budget b
+(fraction of the full cache's bytes):
+
+    window = max(1, round(b * T) - sink)
+
+`StreamingLLM.for_budget(b, T, sink)` does this for a given average T. Without T
+(`StreamingLLM(sink, budget=b)`) the window is computed at compression time from the real
+capacity of the cache being compressed (padded prompt + decode room), which is exactly the T that
+`generate` uses for `full_cache_bytes`, so the measured budget matches the requested one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from jaxkv.cache.streaming import SinkWindowCache
+from jaxkv.policies.base import Policy, check_budget
+from jaxkv.policies.registry import register_method
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
+    return value
+
+
+def window_for_budget(budget: float, prompt_len: int, sink: int) -> int:
+    """Recent-window size so that sink + window = budget * prompt_len slots (at least 1)."""
+    budget = check_budget(budget)
+    _check_int("prompt_len", prompt_len, 1)
+    _check_int("sink", sink, 0)
+    return max(1, int(round(budget * prompt_len)) - sink)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingLLM(Policy):
+    """sink: attention-sink tokens kept per head (>= 0); window: recent tokens kept (>= 1).
+    Give `budget` instead of `window` to size the window from the actual cache capacity."""
+
+    sink: int = 4
+    window: Optional[int] = None
+    budget: Optional[float] = None
+
+    name = "streaming"
+
+    def __post_init__(self):
+        _check_int("sink", self.sink, 0)
+        if self.window is None and self.budget is None:
+            raise ValueError("window=None: give window (recent tokens kept, >= 1) or budget "
+                             "(fraction of the full cache in (0, 1])")
+        if self.window is not None and self.budget is not None:
+            raise ValueError(f"window={self.window!r}, budget={self.budget!r}: give one of them, "
+                             f"not both")
+        if self.window is not None:
+            _check_int("window", self.window, 1)
+        else:
+            check_budget(self.budget)
+
+    @classmethod
+    def for_budget(cls, budget: float, prompt_len: int, sink: int = 4) -> "StreamingLLM":
+        """The window that makes the cache `budget` of a full cache of `prompt_len` slots."""
+        return cls(sink=sink, window=window_for_budget(budget, prompt_len, sink))
+
+    def check_model(self, config) -> None:
+        """Sizes must fit the model's context (max_position_embeddings)."""
+        limit = config.max_position_embeddings
+        for name in ("sink", "window"):
+            value = getattr(self, name)
+            if value is not None and value > limit:
+                raise ValueError(f"{name}={value}: larger than the model's context "
+                                 f"max_position_embeddings={limit}")
+
+    def window_for_capacity(self, capacity: int) -> int:
+        return self.window if self.window is not None else \
+            window_for_budget(self.budget, capacity, self.sink)
+
+    def compress_layer(self, layer, cache, obs):
+        window = self.window_for_capacity(cache.capacity + obs.extra_capacity)
+        return SinkWindowCache.from_dense(cache, self.sink, window, obs.extra_capacity)
+
+
+@register_method("streaming")
+def _streaming(budget: float, model, sink: int = 4, prompt_len: Optional[int] = None):
+    """StreamingLLM at `budget`: window = max(1, round(budget * prompt_len) - sink).
+
+    prompt_len: slots per sequence of the full cache (prompt + generated tokens); when omitted
+    the window is sized at compression time from the real capacity (see module docstring)."""
+    if prompt_len is None:
+        policy = StreamingLLM(sink=sink, budget=budget)
+    else:
+        policy = StreamingLLM.for_budget(budget, prompt_len, sink)
+    policy.check_model(model.config)
+    return policy
+
+
+__all__ = ["StreamingLLM", "window_for_budget"]

@@ -1,0 +1,100 @@
+"""Decode attention over a head-split cache: full KV heads (dense, per-sequence lengths) and
+streaming KV heads (sink tokens + a ring buffer of recent tokens).
+
+Reference in plain jnp (XLA); Pallas kernels come later (see dispatch).
+
+Streaming layout (jaxkv.cache.streaming.SinkWindowCache), S = sink + window slots per head:
+slots [0, sink) hold the first tokens, slots [sink, S) a ring buffer of the most recent ones;
+with `counts[b]` tokens seen, sink slot i is valid iff i < counts and ring slot j iff
+j < clip(counts - sink, 0, window). Keys carry RoPE of their original positions, so attention
+over the valid slots needs no positions.
+
+GQA: query heads h*G .. h*G + G - 1 read KV head h (G = H / K).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.dense_decode import NEG_INF, dense_decode_attention_reference
+
+
+def ring_valid(counts: jax.Array, sink: int, window: int) -> jax.Array:
+    """bool [B, sink + window]: slots of a sink + ring cache holding a token (see module doc)."""
+    counts = counts.astype(jnp.int32)[:, None]  # [B, 1]
+    sink_ok = jnp.arange(sink, dtype=jnp.int32)[None, :] < counts  # [B, sink]
+    ring_ok = jnp.arange(window, dtype=jnp.int32)[None, :] < jnp.clip(counts - sink, 0, window)
+    return jnp.concatenate([sink_ok, ring_ok], axis=1)
+
+
+def sink_window_decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
+                                           counts: jax.Array, sink: int, window: int,
+                                           scale: float) -> jax.Array:
+    """q: [B, H, D]; k, v: [B, K, sink + window, D]; counts: [B] tokens seen -> [B, H, D].
+
+    Softmax in float32 over the valid slots; a sequence with no valid slot gets zeros."""
+    b, h, d = q.shape
+    kh, s = k.shape[1], k.shape[2]
+    if s != sink + window:
+        raise ValueError(f"k has {s} slots; a sink={sink} + window={window} cache needs "
+                         f"{sink + window}")
+    qg = q.reshape(b, kh, h // kh, d).astype(jnp.float32)  # [B, K, G, D]
+    scores = jnp.einsum("BKGD,BKSD->BKGS", qg, k.astype(jnp.float32)) * scale
+    valid = ring_valid(counts, sink, window)[:, None, None, :]  # [B, 1, 1, S]
+    scores = jnp.where(valid, scores, NEG_INF)
+    m = scores.max(-1, keepdims=True)
+    p = jnp.exp(scores - m) * valid
+    denom = p.sum(-1, keepdims=True)
+    out = jnp.einsum("BKGS,BKSD->BKGD", p, v.astype(jnp.float32)) / jnp.maximum(denom, 1e-30)
+    return out.reshape(b, h, d).astype(q.dtype)
+
+
+def _query_heads(kv_heads: Sequence[int], group: int) -> np.ndarray:
+    """Query-head indices of the given KV heads, in order: [h*G, ..., h*G + G - 1, ...]."""
+    return np.asarray([h * group + g for h in kv_heads for g in range(group)], np.int32)
+
+
+def headsplit_decode_attention_reference(
+        q: jax.Array,
+        full_k: Optional[jax.Array], full_v: Optional[jax.Array],
+        full_lengths: Optional[jax.Array],
+        stream_k: Optional[jax.Array], stream_v: Optional[jax.Array],
+        stream_counts: Optional[jax.Array], *,
+        full_heads: Sequence[int], stream_heads: Sequence[int], sink: int, window: int,
+        scale: float) -> jax.Array:
+    """One query token per sequence over a head-split cache.
+
+    q:            [B, H, D]
+    full_k/v:     [B, Kf, S_full, D] (None when full_heads is empty); full_lengths [B]
+    stream_k/v:   [B, Ks, sink + window, D] (None when stream_heads is empty); stream_counts [B]
+    full_heads, stream_heads: static KV-head indices of each part (disjoint, together 0..K-1)
+    -> out [B, H, D] in q's dtype, query heads in their original order.
+    """
+    full_heads, stream_heads = tuple(full_heads), tuple(stream_heads)
+    kv = len(full_heads) + len(stream_heads)
+    if sorted(full_heads + stream_heads) != list(range(kv)):
+        raise ValueError(f"full_heads={full_heads}, stream_heads={stream_heads}: must split "
+                         f"0..{kv - 1}")
+    h = q.shape[1]
+    if kv == 0 or h % kv:
+        raise ValueError(f"q has {h} heads: must be a multiple of the {kv} KV heads")
+    group = h // kv
+    outs, order = [], []
+    for heads, run in (
+            (full_heads, lambda qq: dense_decode_attention_reference(
+                qq, full_k, full_v, full_lengths, scale)),
+            (stream_heads, lambda qq: sink_window_decode_attention_reference(
+                qq, stream_k, stream_v, stream_counts, sink, window, scale))):
+        if not heads:
+            continue
+        qidx = _query_heads(heads, group)
+        whole = len(heads) == kv  # identity gather: skip it
+        outs.append(run(q if whole else jnp.take(q, jnp.asarray(qidx), axis=1)))
+        order.extend(qidx.tolist())
+    if len(outs) == 1:
+        return outs[0]
+    inverse = np.argsort(np.asarray(order))  # position of query head i in the concatenation
+    return jnp.take(jnp.concatenate(outs, axis=1), jnp.asarray(inverse, jnp.int32), axis=1)
