@@ -95,6 +95,13 @@ class PretrainConfig:
         return dataclasses.replace(self, **kw)
 
 
+def config_fingerprint(cfg: PretrainConfig) -> str:
+    """sha256 of the config's repr: the shipped model's report records it, and a test checks it
+    against configs/tiny.py, so a config changed without retraining is caught."""
+    import hashlib
+    return hashlib.sha256(repr(cfg).encode()).hexdigest()[:16]
+
+
 def make_optimizer(cfg: PretrainConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, cfg.learning_rate, min(cfg.warmup_steps, max(cfg.total_steps - 1, 1)),
@@ -134,6 +141,13 @@ def make_train_step(cfg: PretrainConfig, optimizer):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, acc
     return train_step
+
+
+def abstract_tree(tree):
+    """Shapes and dtypes of a pytree (numpy scalars included), the target orbax restores into."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(
+            x, "dtype") else x.dtype), tree)
 
 
 def _checkpoint_manager(directory: str):
@@ -178,8 +192,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str, max_steps: Optional[int] = None,
     latest = manager.latest_step()
     if latest is not None:
         import orbax.checkpoint as ocp
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-        state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+        state = manager.restore(latest, args=ocp.args.StandardRestore(abstract_tree(state)))
         print(f"resumed from step {int(state['step'])} ({out_dir}/checkpoints)")
     start = int(state["step"])
     end = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
@@ -206,7 +219,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str, max_steps: Optional[int] = None,
                 {"params": params, "opt_state": opt_state, "step": np.int64(step + 1)}))
     manager.wait_until_finished()
     manager.close()
-    report = {"steps": end, "total_steps": cfg.total_steps, "seed": cfg.seed}
+    report = {"steps": end, "total_steps": cfg.total_steps, "seed": cfg.seed,
+              "config_fingerprint": config_fingerprint(cfg)}
     if export and end == cfg.total_steps:
         model = Model(config=cfg.model, params=params, tokenizer=build_tokenizer())
         report["accuracy"] = evaluate_tasks(model, cfg.eval_tasks, cfg.eval_samples)

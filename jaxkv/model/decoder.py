@@ -199,4 +199,6 @@ class Decoder(nn.Module):
 def init_params(config: ModelConfig, seed: int = 0):
     """Random parameters for `config` (the pytree `Decoder(config).init` builds)."""
     tokens = jnp.zeros((1, 2), jnp.int32)
-    return Decoder(config).init(jax.random.PRNGKey(seed), tokens)["params"]
+    # one jit: eager init would compile every small op separately
+    init = jax.jit(lambda rng: Decoder(config).init(rng, tokens)["params"])
+    return init(jax.random.PRNGKey(seed))
