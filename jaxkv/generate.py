@@ -89,10 +89,27 @@ def prefill_and_decode(params, tokens, lengths, rng, temperature, top_p, *, conf
     return out, caches
 
 
+def split_policy(policy):
+    """(static part, traced leaves) of a policy.
+
+    A policy that is a pytree (a `flax.struct.dataclass` whose settings are `pytree_node=False`
+    fields and whose arrays, e.g. RLKV gates being trained, are leaves) is traced: changing its
+    arrays does not recompile. Any other policy (a frozen dataclass) is static, part of the key.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(policy)
+    if policy is None or (len(leaves) == 1 and leaves[0] is policy):
+        return policy, ()
+    return treedef, tuple(leaves)
+
+
 @functools.lru_cache(maxsize=64)
-def _compiled(config, policy, max_new_tokens, greedy, eos_ids):
-    fn = functools.partial(prefill_and_decode, config=config, policy=policy,
-                           max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids)
+def _compiled(config, static_policy, max_new_tokens, greedy, eos_ids):
+    def fn(params, policy_leaves, *args):
+        policy = static_policy
+        if isinstance(static_policy, jax.tree_util.PyTreeDef):
+            policy = jax.tree_util.tree_unflatten(static_policy, policy_leaves)
+        return prefill_and_decode(params, *args, config=config, policy=policy,
+                                  max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids)
     return jax.jit(fn)
 
 
@@ -123,12 +140,14 @@ def pad_batch(prompts: List[List[int]], pad_id: int, bucket: int = PROMPT_BUCKET
 
 def generate(model: Model, prompts, max_new_tokens: int, policy: Any = None,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             eos_ids: Optional[Sequence[int]] = None) -> Generation:
+             eos_ids: Optional[Sequence[int]] = None, mesh: Any = None) -> Generation:
     """Generate up to `max_new_tokens` after each prompt (token-id lists or strings).
 
     temperature 0 is greedy; otherwise temperature / top-p sampling with PRNG `seed`.
     `policy` (see `jaxkv.policies`) compresses each layer's cache right after prefill.
     Generation stops per sequence at an EOS id (default: the model config's).
+    mesh: a `jaxkv.sharding.make_mesh` mesh: the batch goes on its "data" axis (shard the params
+    with `jaxkv.sharding.shard_model`); jit propagates the shardings through prefill and decode.
     """
     cfg = model.config
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -148,10 +167,15 @@ def generate(model: Model, prompts, max_new_tokens: int, policy: Any = None,
             raise ValueError(f"prompts[{i}]: token ids must lie in [0, {cfg.vocab_size})")
     tokens, lengths = pad_batch(token_lists, cfg.pad_token_id)
     eos = tuple(int(e) for e in (eos_ids if eos_ids is not None else cfg.eos_ids))
-    fn = _compiled(cfg, policy, max_new_tokens, temperature == 0.0, eos)
-    out, caches = fn(model.params, jnp.asarray(tokens), jnp.asarray(lengths),
-                                jax.random.PRNGKey(seed), jnp.float32(max(temperature, 1e-6)),
-                                jnp.float32(top_p))
+    static_policy, policy_leaves = split_policy(policy)
+    fn = _compiled(cfg, static_policy, max_new_tokens, temperature == 0.0, eos)
+    tokens_in, lengths_in = jnp.asarray(tokens), jnp.asarray(lengths)
+    if mesh is not None:
+        from jaxkv.sharding import shard_batch
+        tokens_in, lengths_in = shard_batch((tokens_in, lengths_in), mesh)
+    out, caches = fn(model.params, policy_leaves, tokens_in, lengths_in,
+                     jax.random.PRNGKey(seed), jnp.float32(max(temperature, 1e-6)),
+                     jnp.float32(top_p))
     out = np.asarray(out)
     new_tokens = []
     for row in out:

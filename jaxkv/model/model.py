@@ -66,6 +66,8 @@ def check_tokens(tokens, config: ModelConfig, name: str = "tokens") -> jnp.ndarr
         limit = min(limit, config.sliding_window)
     if arr.shape[1] > limit:
         raise ValueError(f"{name}: length {arr.shape[1]} exceeds the model's context of {limit}")
+    if isinstance(tokens, jax.Array) and tokens.shape == arr.shape:
+        return tokens.astype(jnp.int32)  # keep the caller's placement (e.g. batch on a mesh)
     return jnp.asarray(arr, jnp.int32)
 
 
