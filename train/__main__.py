@@ -1,4 +1,4 @@
-"""`python -m train <command> [options]`. Commands: pretrain, eval, demo."""
+"""`python -m train <command> [options]`. Commands: pretrain, rlkv, duo, eval, demo."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/tiny", help="run folder: checkpoints/, model/, logs")
     p.add_argument("--max-steps", type=int, default=None, help="stop early at this step")
     p.add_argument("--no-progress", action="store_true")
+
+    for name, help_, default in (
+            ("rlkv", "learn per-head gates by RL (GRPO + reward-adaptive L1), resumable",
+             "configs/rlkv/tiny.py"),
+            ("duo", "DuoAttention baseline: gates by hidden-state distillation, resumable",
+             "configs/duo/tiny.py")):
+        g = sub.add_parser(name, help=help_)
+        g.add_argument("--config", default=default)
+        g.add_argument("--out", required=True, help="run folder: checkpoints/, logs, gates.json")
+        g.add_argument("--max-steps", type=int, default=None, help="stop early at this step")
+        g.add_argument("--model", default=None,
+                       help="override the config's model (local HF-style folder or 'embedded')")
+        g.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("eval", help="methods x budgets x tasks -> results.json + plot")
     e.add_argument("--config", default="configs/eval_tiny.py")
@@ -32,6 +45,17 @@ def main(argv=None) -> int:
         from train.pretrain import pretrain
         pretrain(load_config(args.config), args.out, max_steps=args.max_steps,
                  progress=not args.no_progress)
+    elif args.command in ("rlkv", "duo"):
+        from train.config_loading import load_config
+        cfg = load_config(args.config)
+        if args.model is not None:
+            cfg = cfg.replace(model=args.model)
+        if args.command == "rlkv":
+            from train.rlkv import train_rlkv
+            train_rlkv(cfg, args.out, max_steps=args.max_steps, progress=not args.no_progress)
+        else:
+            from train.duo import train_duo
+            train_duo(cfg, args.out, max_steps=args.max_steps, progress=not args.no_progress)
     elif args.command == "eval":
         from train.evaluate import run_eval
         run_eval(args.config, args.out, model_path=args.model, n=args.n,

@@ -1,0 +1,102 @@
+"""A dense cache whose attention mixes full and streaming attention per KV head (RLKV rollouts).
+
+This is the training-time cache: it holds every token (nothing is saved), and its `attend` gives
+what the gated model of `jaxkv.model.gated.mixed_attention_fn` computes for a decode query, so
+rollouts are sampled from exactly the model whose log-probabilities the RLKV loss differentiates.
+The deployment cache (full heads and streaming heads in separate arrays) is a different layout.
+
+Slot s holds the token at position s (as in DenseCache); after `append`, the newest token, the
+query's own, is at slot lengths - 1. The streaming branch sees slots s < lengths with
+s < sink or (lengths - 1) - s < window.
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxkv.cache.base import array_nbytes, batched_write
+from jaxkv.cache.dense import DenseCache
+from jaxkv.model.gated import check_streaming, mix_softmax
+
+
+def gated_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
+                           alpha: jax.Array, *, sink: int, window: int,
+                           scale: float) -> jax.Array:
+    """One query per sequence over a dense cache, mixed per KV head.
+
+    q: [B, H, D]; k, v: [B, K, S, D]; lengths: [B] valid slots (the query is the token at slot
+    lengths - 1); alpha: [K] -> out [B, H, D] (dtype of q). Scores once, in float32.
+    """
+    b, h, d = q.shape
+    kh, s = k.shape[1], k.shape[2]
+    qg = q.reshape(b, kh, h // kh, d).astype(jnp.float32)  # [B, K, G, D]
+    scores = jnp.einsum("BKGD,BKSD->BKGS", qg, k.astype(jnp.float32)) * scale
+    slot = jnp.arange(s, dtype=jnp.int32)[None, :]  # [1, S]
+    full = slot < lengths[:, None]  # [B, S]
+    newest = (lengths - 1)[:, None]
+    stream = full & ((slot < sink) | (newest - slot < window))  # [B, S]
+    # mix_softmax works on [B, K, G, T, S]: one query row (T = 1)
+    probs = mix_softmax(scores[:, :, :, None, :], full[:, None, None, None, :],
+                        stream[:, None, None, None, :], alpha)[:, :, :, 0, :]  # [B, K, G, S]
+    out = jnp.einsum("BKGS,BKSD->BKGD", probs, v.astype(jnp.float32))
+    return out.reshape(b, h, d).astype(q.dtype)
+
+
+@flax.struct.dataclass
+class GatedDenseCache:
+    """One layer's dense cache with per-KV-head gates.
+
+    k, v:    [B, K, S, D]   slot s of sequence b holds the token at position s
+    lengths: [B] int32      valid slots per sequence
+    alpha:   [K] float32    gate per KV head: 1 = full attention, 0 = sink + window only
+    sink, window: static ints (tokens)
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+    alpha: jax.Array
+    sink: int = flax.struct.field(pytree_node=False)
+    window: int = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def from_dense(cls, cache: DenseCache, alpha, sink: int, window: int,
+                   extra_capacity: int = 0) -> "GatedDenseCache":
+        """Wrap a DenseCache, adding `extra_capacity` empty slots for decoded tokens."""
+        sink, window = check_streaming(sink, window)
+        if extra_capacity < 0:
+            raise ValueError(f"extra_capacity={extra_capacity}: must be >= 0")
+        kh = cache.k.shape[1]
+        alpha = jnp.asarray(alpha, jnp.float32)
+        if alpha.shape != (kh,):
+            raise ValueError(f"alpha: shape {tuple(alpha.shape)}, expected [kv_heads] = [{kh}]")
+        pad = [(0, 0), (0, 0), (0, extra_capacity), (0, 0)]
+        return cls(k=jnp.pad(cache.k, pad), v=jnp.pad(cache.v, pad),
+                   lengths=cache.lengths.astype(jnp.int32), alpha=alpha, sink=sink, window=window)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def append(self, k: jax.Array, v: jax.Array) -> "GatedDenseCache":
+        """k, v: [B, K, D] written at slot lengths[b] (as DenseCache.append)."""
+        return self.replace(k=batched_write(self.k, k, self.lengths),
+                            v=batched_write(self.v, v, self.lengths),
+                            lengths=jnp.minimum(self.lengths + 1, self.capacity))
+
+    def attend(self, q: jax.Array, scale: float) -> jax.Array:
+        """q: [B, H, D] -> [B, H, D]: alpha * full + (1 - alpha) * streaming, per KV head."""
+        return gated_decode_attention(q, self.k, self.v, self.lengths, self.alpha,
+                                      sink=self.sink, window=self.window, scale=scale)
+
+    def nbytes(self) -> int:
+        return array_nbytes(self.k, self.v, self.lengths, self.alpha)
+
+    def to_dense(self):
+        s = self.capacity
+        valid = jnp.arange(s)[None, None, :] < self.lengths[:, None, None]
+        return self.k, self.v, jnp.broadcast_to(valid, self.k.shape[:3])
+
+
+__all__ = ["GatedDenseCache", "gated_decode_attention"]

@@ -1,0 +1,116 @@
+"""`python -m train duo` (DuoAttention baseline): the batch and its answer positions, the first
+step worked by hand, a 2-step smoke test of the entry point, and resume == uninterrupted."""
+import json
+import os
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxkv.hf import save_hf
+from jaxkv.model.config import ModelConfig
+from jaxkv.model.model import Model
+from jaxkv.tasks import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+from train.__main__ import main
+from train.config_loading import load_config
+from train.duo import DuoConfig, batch_for_step, duo_step, train_duo
+from train.pretrain import TaskMix
+from tests.test_rlkv_train import random_params
+from train.rlkv import load_model, make_gate_optimizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    cfg = ModelConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=48, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=BOS_ID, eos_token_id=(EOS_ID,),
+                      pad_token_id=PAD_ID)
+    folder = str(tmp_path_factory.mktemp("duo") / "tiny")
+    save_hf(Model(cfg, random_params(cfg, 1)), folder)
+    return folder
+
+
+def _test_config(model_dir: str) -> DuoConfig:
+    """configs/duo/tiny.py at test sizes: 64-token needle / passkey prompts, 4 per batch."""
+    base = load_config(os.path.join(ROOT, "configs/duo/tiny.py"))
+    tasks = (TaskMix("niah_multikey", 1.0, (("length", 64), ("n_keys", 2))),
+             TaskMix("passkey", 1.0, (("length", 64),)))
+    return base.replace(model=model_dir, tasks=tasks, batch_size=4, sink=2, window=8, steps=4,
+                        checkpoint_every=2)
+
+
+def test_batch_answer_positions(model_dir):
+    cfg = _test_config(model_dir)
+    assert cfg.length == 64 + 8  # passkey: 64 prompt + "A : d d d d d <eos>"
+    tokens, answer = batch_for_step(cfg, 0)
+    assert tokens.shape == answer.shape == (4, 72)
+    for row, mask in zip(tokens, answer):
+        pos = np.flatnonzero(mask)
+        assert pos[0] == 64 and row[pos[-1]] == EOS_ID  # prompt ends at 63; target up to <eos>
+        assert (np.diff(pos) == 1).all()
+    t2, a2 = batch_for_step(cfg, 0)
+    assert (t2 == tokens).all() and (a2 == answer).all()  # deterministic per step
+    paper = load_config(os.path.join(ROOT, "configs/duo/tiny.py"))
+    assert (paper.learning_rate, paper.weight_decay, paper.reg) == (0.02, 0.0, 0.05)
+    with pytest.raises(ValueError, match="seq_len=50"):
+        DuoConfig(tasks=cfg.tasks, seq_len=50)
+
+
+def test_first_step_by_hand(model_dir):
+    """At gates = 1 the mixed model is the full one: MSE 0 and zero distillation gradient, so
+    the first step moves every gate by the regulariser alone. Adam's first update is
+    lr * g / (|g| + eps) = lr (up to eps 1e-8 against g = 0.05 / 4), so every gate -> 0.98."""
+    cfg = _test_config(model_dir)
+    model = load_model(model_dir)
+    opt = make_gate_optimizer(cfg.learning_rate, cfg.weight_decay, cfg.betas, cfg.grad_clip)
+    gates = jnp.ones((2, 2))
+    state = {"gates": gates, "opt_state": opt.init(gates), "step": np.array(0, np.int64)}
+    shapes = {tuple(np.shape(x)) for x in jax.tree_util.tree_leaves(state["opt_state"])}
+    assert shapes <= {(2, 2), ()}, shapes  # the optimiser state holds the gates alone
+    tokens, answer = batch_for_step(cfg, 0)
+    state, metrics = duo_step(cfg, model, state, tokens, answer)
+    assert metrics["mse"] == pytest.approx(0.0, abs=1e-10)
+    assert metrics["penalty"] == pytest.approx(0.05)  # 0.05 * mean|1|
+    np.testing.assert_allclose(np.asarray(state["gates"]), 0.98, atol=1e-6)
+    state, metrics = duo_step(cfg, model, state, *batch_for_step(cfg, 1))
+    assert metrics["mse"] > 0  # now the streaming branch shows
+
+
+def test_smoke_two_steps_through_main(tmp_path, model_dir):
+    cfg_file = tmp_path / "duo_test.py"
+    cfg_file.write_text(textwrap.dedent(f"""
+        from tests.test_duo_train import _test_config
+        CONFIG = _test_config({model_dir!r})
+    """))
+    out = tmp_path / "run"
+    assert main(["duo", "--config", str(cfg_file), "--out", str(out), "--max-steps", "2",
+                 "--no-progress"]) == 0
+    payload = json.load(open(out / "gates.json"))
+    g = np.array(payload["gates"])
+    assert (payload["layers"], payload["kv_heads"]) == (2, 2)
+    assert (g >= 0).all() and (g <= 1).all() and g.max() < 1.0
+    log = [json.loads(x) for x in open(out / "train_log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2]
+    assert all(np.isfinite(r["mse"]) and 0 <= r["sparsity"] <= 1 for r in log)
+
+
+def test_resume_continues_the_same_trajectory(tmp_path, model_dir):
+    cfg = _test_config(model_dir)
+    model = load_model(model_dir)
+    train_duo(cfg, str(tmp_path / "a"), progress=False, model=model)
+    train_duo(cfg, str(tmp_path / "b"), max_steps=2, progress=False, model=model)
+    # a run killed after its step-3 log line but before a checkpoint: the log is cut back
+    with open(tmp_path / "b" / "train_log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "mse": -1.0}) + "\n")
+    report = train_duo(cfg, str(tmp_path / "b"), progress=False, model=model)
+    assert report["steps"] == 4
+    ga = json.load(open(tmp_path / "a" / "gates.json"))["gates"]
+    gb = json.load(open(tmp_path / "b" / "gates.json"))["gates"]
+    assert ga == gb
+    log_a = [json.loads(x) for x in open(tmp_path / "a" / "train_log.jsonl")]
+    log_b = [json.loads(x) for x in open(tmp_path / "b" / "train_log.jsonl")]
+    assert [(r["step"], r["mse"]) for r in log_a] == [(r["step"], r["mse"]) for r in log_b]

@@ -1,0 +1,200 @@
+"""`python -m train duo`: the DuoAttention baseline: the same gates trained by distillation.
+
+    python -m train duo --config configs/duo/tiny.py --out runs/duo_tiny [--max-steps N]
+
+Same gates `alpha [L, K]` (raw, initialised to 1, clipped into [0, 1] after every step) and the
+same mixing as RLKV (`jaxkv.model.gated.mixed_attention_fn`), but a different signal:
+
+    loss = MSE(h_mixed, stop_gradient(h_full)) at the answer positions + reg * mean|alpha|
+
+h_full / h_mixed: the final (normed) hidden states of `Decoder.forward(..., return_hidden=True)`
+with full attention (the teacher) and with mixed attention (every query mixed, prompt included,
+as DuoAttention's streaming heads are during prefill too). MSE: mean over the answer positions of
+the mean over the hidden dimension of the squared difference. Answer positions: the positions of
+the target tokens (`A : <value> <eos>`) appended to each prompt. reg = 0.05.
+
+Data: synthetic retrieval prompts from jaxkv.tasks (multi-key needles `niah_multikey`, passkeys
+`passkey`), at several lengths and key counts; the batch of step s is drawn from
+`numpy.random.default_rng([seed, step])` (resumable with no data state), padded to one length.
+Optimiser: AdamW lr 0.02, no weight decay (DuoAttention), no gradient clipping unless configured.
+
+Checkpoints, resume, logging, data parallelism and OUT/gates.json as in `train/rlkv.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkv.model.config import ModelConfig
+from jaxkv.model.decoder import Decoder
+from jaxkv.model.gated import gate_stats, init_gates, mixed_attention_fn, save_gates
+from train.pretrain import TaskMix
+from train.rlkv import (GATES_FILE, LOG_FILE, REPORT_FILE, GateCheckpoints, append_log,
+                        gate_update_fn, load_model, make_data_mesh, make_gate_optimizer,
+                        put_batch, replicate, trim_log, write_config)
+
+
+@dataclasses.dataclass(frozen=True)
+class DuoConfig:
+    tasks: Tuple[TaskMix, ...]  # retrieval tasks with their settings; weight = sampling share
+    model: str = "embedded"
+    dtype: Optional[str] = None
+    batch_size: int = 8
+    seq_len: Optional[int] = None  # None: the longest prompt + target of any task
+    sink: int = 128
+    window: int = 256
+    reg: float = 0.05  # weight of mean|alpha|
+    learning_rate: float = 0.02
+    weight_decay: float = 0.0
+    betas: Tuple[float, float] = (0.9, 0.999)
+    grad_clip: Optional[float] = None
+    steps: int = 2000
+    gate_init: float = 1.0
+    data_parallel: int = 1
+    seed: int = 0
+    checkpoint_every: int = 50
+
+    def __post_init__(self):
+        if not self.tasks:
+            raise ValueError("tasks: give at least one retrieval TaskMix")
+        for t in self.tasks:
+            task = t.make()
+            if self.seq_len is not None and task.max_len > self.seq_len:
+                raise ValueError(f"seq_len={self.seq_len}: task {t.label} needs up to "
+                                 f"{task.max_len} tokens")
+        for name in ("batch_size", "steps", "window", "checkpoint_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r}: must be a positive integer")
+        for name in ("sink", "data_parallel"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}={v!r}: must be an integer >= 0")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate={self.learning_rate}: must be > 0")
+        if self.reg < 0 or self.weight_decay < 0:
+            raise ValueError(f"reg={self.reg}, weight_decay={self.weight_decay}: must be >= 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip={self.grad_clip}: > 0, or None for no clipping")
+        if not 0.0 <= self.gate_init <= 1.0:
+            raise ValueError(f"gate_init={self.gate_init}: must lie in [0, 1]")
+
+    @property
+    def length(self) -> int:
+        return self.seq_len or max(t.make().max_len for t in self.tasks)
+
+    def replace(self, **kw) -> "DuoConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def batch_for_step(cfg: DuoConfig, step: int):
+    """tokens int32 [B, seq] (prompt + target, right-padded) and answer_mask float32 [B, seq]
+    (1 at the target tokens' positions), from `default_rng([seed, step])`."""
+    from jaxkv.tasks import make_training_batch
+    rng = np.random.default_rng([cfg.seed, step])
+    weights = np.array([t.weight for t in cfg.tasks], np.float64)
+    picks = rng.choice(len(cfg.tasks), size=cfg.batch_size, p=weights / weights.sum())
+    tasks = [t.make() for t in cfg.tasks]
+    batch = make_training_batch([tasks[i].sample(rng) for i in picks], cfg.length)
+    # loss_mask[t] = 1 where tokens[t + 1] is a target token; the target's positions are t + 1
+    answer = np.zeros_like(batch["loss_mask"])
+    answer[:, 1:] = batch["loss_mask"][:, :-1]
+    return batch["tokens"], answer
+
+
+def distill_loss(gates, params, tokens, answer_mask, *, config: ModelConfig, sink: int,
+                 window: int):
+    """MSE of the final hidden states (mixed vs stop_gradient(full)) at the answer positions."""
+    module = Decoder(config)
+    _, h_full = module.apply({"params": params}, tokens, return_hidden=True,
+                             method=Decoder.forward)
+    h_full = jax.lax.stop_gradient(h_full.astype(jnp.float32))
+    _, h_mix = module.apply({"params": params}, tokens,
+                            attention_fn=mixed_attention_fn(gates, sink, window),
+                            return_hidden=True, method=Decoder.forward)
+    err = jnp.mean(jnp.square(h_mix.astype(jnp.float32) - h_full), axis=-1)  # [B, T]
+    return jnp.sum(err * answer_mask) / jnp.maximum(jnp.sum(answer_mask), 1.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _distill_grad_fn(config: ModelConfig, sink: int, window: int):
+    return jax.jit(jax.value_and_grad(functools.partial(distill_loss, config=config, sink=sink,
+                                                        window=window)))
+
+
+def duo_step(cfg: DuoConfig, model, state: dict, tokens, answer_mask, mesh=None):
+    """One DuoAttention step -> (new state, metrics)."""
+    t0 = time.time()
+    grad_fn = _distill_grad_fn(model.config, cfg.sink, cfg.window)
+    apply = gate_update_fn(float(cfg.learning_rate), float(cfg.weight_decay),
+                           tuple(float(b) for b in cfg.betas),
+                           None if cfg.grad_clip is None else float(cfg.grad_clip),
+                           float(cfg.reg))
+    tokens, answer_mask = put_batch((tokens, answer_mask), mesh)
+    mse, grads = grad_fn(state["gates"], model.params, tokens, answer_mask)
+    gates, opt_state, penalty, gnorm = apply(state["gates"], state["opt_state"], grads,
+                                             jnp.float32(1.0))
+    new_state = {**state, "gates": gates, "opt_state": opt_state,
+                 "step": np.array(int(state["step"]) + 1, np.int64)}
+    stats = gate_stats(gates)
+    metrics = {"step": int(new_state["step"]), "mse": float(mse), "penalty": float(penalty),
+               "loss": float(mse) + float(penalty), "mean_gate": stats["mean_gate"],
+               "sparsity": stats["sparsity"], "grad_norm": float(gnorm),
+               "step_s": round(time.time() - t0, 3)}
+    return new_state, metrics
+
+
+def train_duo(cfg: DuoConfig, out_dir: str, max_steps: Optional[int] = None,
+              progress: bool = True, model=None) -> dict:
+    """Run (or resume) DuoAttention gate training into out_dir; returns the report."""
+    from tqdm import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    model = model if model is not None else load_model(cfg.model, cfg.dtype)
+    mesh = make_data_mesh(cfg.data_parallel)
+    if mesh is not None:
+        model = dataclasses.replace(model, params=replicate(model.params, mesh))
+    write_config(out_dir, cfg)
+    optimizer = make_gate_optimizer(cfg.learning_rate, cfg.weight_decay, cfg.betas,
+                                    cfg.grad_clip)
+    gates = replicate(init_gates(model.config, cfg.gate_init), mesh)
+    state = {"gates": gates, "opt_state": optimizer.init(gates), "step": np.array(0, np.int64),
+             "rng": np.asarray(jax.random.PRNGKey(cfg.seed))}  # unused: kept for one format
+    ckpt = GateCheckpoints(os.path.join(out_dir, "checkpoints"))
+    state, resumed = ckpt.restore_or(state, mesh)
+    start = int(state["step"])
+    log_path = os.path.join(out_dir, LOG_FILE)
+    trim_log(log_path, start)
+    if resumed and progress:
+        print(f"duo: resumed from step {start} ({out_dir}/checkpoints)")
+    end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+    bar = tqdm(range(start, end), initial=start, total=end, disable=not progress, desc="duo",
+               dynamic_ncols=True)
+    metrics: dict = {}
+    for step in bar:
+        tokens, answer_mask = batch_for_step(cfg, step)
+        state, metrics = duo_step(cfg, model, state, tokens, answer_mask, mesh)
+        bar.set_postfix(mse=f"{metrics['mse']:.2e}", gate=f"{metrics['mean_gate']:.3f}",
+                        sparsity=f"{metrics['sparsity']:.2f}")
+        append_log(log_path, metrics)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+            ckpt.save(step + 1, state)
+    ckpt.close()
+    gates = np.asarray(state["gates"])
+    save_gates(os.path.join(out_dir, GATES_FILE), gates)
+    report = {"steps": int(state["step"]), "total_steps": cfg.steps, "seed": cfg.seed,
+              **gate_stats(gates), "last": metrics}
+    with open(os.path.join(out_dir, REPORT_FILE), "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+__all__ = ["DuoConfig", "batch_for_step", "distill_loss", "duo_step", "train_duo"]
