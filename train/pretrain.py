@@ -73,6 +73,9 @@ class PretrainConfig:
     seed: int = 0
     checkpoint_every: int = 50
     eval_samples: int = 100
+    # Steps over which the cosine decays (None: all steps). Pinning it lets a stage be appended
+    # later (continuing at the final learning rate) without changing any earlier step.
+    schedule_steps: Optional[int] = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -103,9 +106,10 @@ def config_fingerprint(cfg: PretrainConfig) -> str:
 
 
 def make_optimizer(cfg: PretrainConfig) -> optax.GradientTransformation:
+    horizon = cfg.schedule_steps or cfg.total_steps
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.learning_rate, min(cfg.warmup_steps, max(cfg.total_steps - 1, 1)),
-        max(cfg.total_steps, 2), end_value=cfg.learning_rate * cfg.final_lr_fraction)
+        0.0, cfg.learning_rate, min(cfg.warmup_steps, max(horizon - 1, 1)),
+        max(horizon, 2), end_value=cfg.learning_rate * cfg.final_lr_fraction)
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                        optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay))
 
