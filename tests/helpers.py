@@ -157,3 +157,63 @@ def hf_greedy(model, prompt, max_new_tokens: int) -> list:
                              max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                              eos_token_id=None, pad_token_id=0, use_cache=True)
     return out[0, ids.shape[1]:].tolist()
+
+
+# ---- model-level helpers shared by the cache / policy tests ------------------------------------
+
+def random_params(config, seed: int = 0):
+    """Random parameters of `config` drawn with numpy (no jit compile of the initialiser, which
+    costs seconds on CPU), scaled as Flax initialises them: kernels normal(0, 1/sqrt(fan_in)),
+    embeddings normal(0, 0.02), unit norm scales, zero biases."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxkv.model.decoder import init_params
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "weight":  # RMSNorm scales
+            return jnp.ones(leaf.shape, leaf.dtype)
+        if name == "bias":
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        std = 0.02 if name == "embedding" else leaf.shape[0] ** -0.5
+        return jnp.asarray(rng.normal(0.0, std, leaf.shape), leaf.dtype)
+
+    shapes = jax.eval_shape(lambda: init_params(config))
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_model_calls():
+    import jax
+
+    from jaxkv.model.decoder import Decoder
+
+    @functools.partial(jax.jit, static_argnames=("config", "capacity", "static_policy"))
+    def prefill_jit(params, policy_leaves, tokens, lengths, config, capacity, static_policy):
+        policy = static_policy
+        if isinstance(static_policy, jax.tree_util.PyTreeDef):
+            policy = jax.tree_util.tree_unflatten(static_policy, policy_leaves)
+        return Decoder(config).apply({"params": params}, tokens, lengths, capacity, policy,
+                                     method=Decoder.prefill)
+
+    @functools.partial(jax.jit, static_argnames=("config",))
+    def decode_jit(params, tokens, positions, caches, config):
+        return Decoder(config).apply({"params": params}, tokens, positions, caches,
+                                     method=Decoder.decode)
+    return prefill_jit, decode_jit
+
+
+def prefill(params, tokens, lengths, config, capacity, policy=None):
+    """Jitted `Decoder.prefill`; a pytree policy (e.g. GatedMixing) is traced, others static,
+    as in `jaxkv.generate`. -> (last-token logits [B, V], per-layer caches)."""
+    from jaxkv.generate import split_policy
+    static, leaves = split_policy(policy)
+    return _jitted_model_calls()[0](params, leaves, tokens, lengths, config=config,
+                                    capacity=capacity, static_policy=static)
+
+
+def decode(params, tokens, positions, caches, config):
+    """Jitted `Decoder.decode`: one token per sequence -> (logits [B, V], new caches)."""
+    return _jitted_model_calls()[1](params, tokens, positions, caches, config=config)

@@ -17,7 +17,7 @@ from train.__main__ import main
 from train.config_loading import load_config
 from train.duo import DuoConfig, batch_for_step, duo_step, train_duo
 from train.pretrain import TaskMix
-from tests.test_rlkv_train import random_params
+from tests.helpers import random_params
 from train.rlkv import load_model, make_gate_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

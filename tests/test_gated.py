@@ -12,16 +12,18 @@ import jaxkv
 from jaxkv.cache.dense import DenseCache
 from jaxkv.cache.gated import GatedDenseCache
 from jaxkv.generate import _compiled
-from jaxkv.model.decoder import Decoder, init_params
+from jaxkv.model.decoder import Decoder
 from jaxkv.model.model import Model
 from jaxkv.model.gated import (gate_stats, init_gates, load_gates, mix_softmax,
                                mixed_attention_fn, save_gates)
 from jaxkv.model.layers import causal_attention
 from jaxkv.policies.gated import GatedMixing
 try:
-    from tests.helpers import assert_close, tiny_config
+    from tests.helpers import assert_close, tiny_config, random_params
+    from tests.helpers import decode as _decode, prefill as _prefill
 except ImportError:  # tests/ on sys.path rather than a package
-    from helpers import assert_close, tiny_config
+    from helpers import assert_close, tiny_config, random_params
+    from helpers import decode as _decode, prefill as _prefill
 
 SINK, WINDOW = 2, 4
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4, num_kv_heads=2,
@@ -32,25 +34,6 @@ SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4, n
 def model():
     cfg = tiny_config(**SMALL)
     return Model(config=cfg, params=random_params(cfg, 0))
-
-
-def random_params(config, seed: int = 0):
-    """Random parameters of `config` drawn with numpy (no jit compile of the initialiser, which
-    costs seconds on CPU), scaled as Flax initialises them: kernels normal(0, 1/sqrt(fan_in)),
-    embeddings normal(0, 0.02), unit norm scales, zero biases."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name == "weight":  # RMSNorm scales
-            return jnp.ones(leaf.shape, leaf.dtype)
-        if name == "bias":
-            return jnp.zeros(leaf.shape, leaf.dtype)
-        std = 0.02 if name == "embedding" else leaf.shape[0] ** -0.5
-        return jnp.asarray(rng.normal(0.0, std, leaf.shape), leaf.dtype)
-
-    shapes = jax.eval_shape(lambda: init_params(config))
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mode", "remat"))
@@ -131,18 +114,6 @@ def test_mix_softmax_far_below_max_stays_normalised():
     assert np.isfinite(p).all()
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capacity"))
-def _prefill(params, tokens, lengths, policy, config, capacity):
-    return Decoder(config).apply({"params": params}, tokens, lengths, capacity, policy,
-                                 method=Decoder.prefill)
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _decode(params, tokens, positions, caches, config):
-    return Decoder(config).apply({"params": params}, tokens, positions, caches,
-                                 method=Decoder.decode)
-
-
 def test_gated_decoding_matches_mixed_forward(model):
     """Prefill (full) + decode over GatedDenseCache, teacher-forced, gives the logits of
     forward(mixed_attention_fn(prompt_lengths=...)) at every completion position."""
@@ -155,8 +126,8 @@ def test_gated_decoding_matches_mixed_forward(model):
     t = int(lengths.max())
     prompt = np.where(np.arange(t)[None] < lengths[:, None], seqs[:, :t], 0)
     policy = GatedMixing(gates, SINK, WINDOW)
-    logits, caches = _prefill(model.params, jnp.asarray(prompt), jnp.asarray(lengths), policy,
-                              cfg, capacity=t + steps)
+    logits, caches = _prefill(model.params, jnp.asarray(prompt), jnp.asarray(lengths), cfg,
+                              capacity=t + steps, policy=policy)
     assert all(isinstance(c, GatedDenseCache) for c in caches)
     rows = np.arange(2)
     assert_close(logits, want[rows, lengths - 1], cfg.dtype, err_msg="prefill")

@@ -29,8 +29,10 @@ from jaxkv.policies.rlkv import (RLKV, load_gates, plot_gates, random_gates, sav
 from jaxkv.policies.streaming import StreamingLLM
 try:  # tests/ as a package (tests/__init__.py) or as a plain folder on sys.path
     from tests.helpers import assert_close, tiny_config
+    from tests.helpers import decode as _decode, prefill as _prefill
 except ImportError:  # pragma: no cover
     from helpers import assert_close, tiny_config
+    from helpers import decode as _decode, prefill as _prefill
 
 KV = 4  # tiny model with 4 KV heads per layer (2 layers, G = 2): 8 gates
 
@@ -272,18 +274,6 @@ def test_budget_to_sparsity_mapping(model):
 
 
 # ---- whole model --------------------------------------------------------------------------------
-
-@functools.partial(jax.jit, static_argnames=("config", "capacity", "policy"))
-def _prefill(params, tokens, lengths, config, capacity, policy):
-    return Decoder(config).apply({"params": params}, tokens, lengths, capacity, policy,
-                                 method=Decoder.prefill)
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _decode(params, tokens, positions, caches, config):
-    return Decoder(config).apply({"params": params}, tokens, positions, caches,
-                                 method=Decoder.decode)
-
 
 def test_rlkv_decoding_matches_forward_with_per_head_masks(model):
     """Prefill in full, then decode with RLKV (sparsity 0.5, sink 2 + window 4, the ring wraps):

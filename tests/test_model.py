@@ -1,20 +1,19 @@
 """The jaxkv decoder on its own (no torch): cached decoding == full forward, generate == argmax
 of forward, seeded sampling, and Llama-3 RoPE scaling worked by hand."""
-import functools
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxkv
-from jaxkv.model.decoder import Decoder
 from jaxkv.model.layers import apply_rope, rope_inv_freq
 try:  # tests/ as a package (tests/__init__.py) or as a plain folder on sys.path
     from tests.helpers import assert_close, tiny_config, tiny_model
+    from tests.helpers import decode as _decode, prefill as _prefill
 except ImportError:  # pragma: no cover
     from helpers import assert_close, tiny_config, tiny_model
+    from helpers import decode as _decode, prefill as _prefill
 
 # Shared by the generate tests so that greedy and sampled runs compile once each.
 PROMPTS = [[5, 17, 99, 3, 64], [42, 7, 7, 64, 3, 120, 11, 8, 90, 1, 33]]
@@ -23,18 +22,6 @@ NEW = 12
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(seed=0)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "capacity"))
-def _prefill(params, tokens, lengths, config, capacity):
-    return Decoder(config).apply({"params": params}, tokens, lengths, capacity,
-                                 method=Decoder.prefill)
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _decode(params, tokens, positions, caches, config):
-    return Decoder(config).apply({"params": params}, tokens, positions, caches,
-                                 method=Decoder.decode)
 
 
 def test_cached_decoding_matches_forward(model):

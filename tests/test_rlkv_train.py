@@ -15,9 +15,9 @@ import pytest
 
 from jaxkv.hf import save_hf
 from jaxkv.model.config import ModelConfig
-from jaxkv.model.decoder import init_params
 from jaxkv.model.model import Model
 from jaxkv.tasks import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+from tests.helpers import random_params
 from train.__main__ import main
 from train.config_loading import load_config
 from train.pretrain import TaskMix
@@ -30,25 +30,6 @@ TINY = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=48, num_lay
             num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256,
             tie_word_embeddings=True, bos_token_id=BOS_ID, eos_token_id=(EOS_ID,),
             pad_token_id=PAD_ID)
-
-
-def random_params(config, seed: int = 0):
-    """Random parameters of `config` drawn with numpy (no jit compile of the initialiser, which
-    costs seconds on CPU), scaled as Flax initialises them: kernels normal(0, 1/sqrt(fan_in)),
-    embeddings normal(0, 0.02), unit norm scales, zero biases."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = str(getattr(path[-1], "key", path[-1]))
-        if name == "weight":  # RMSNorm scales
-            return jnp.ones(leaf.shape, leaf.dtype)
-        if name == "bias":
-            return jnp.zeros(leaf.shape, leaf.dtype)
-        std = 0.02 if name == "embedding" else leaf.shape[0] ** -0.5
-        return jnp.asarray(rng.normal(0.0, std, leaf.shape), leaf.dtype)
-
-    shapes = jax.eval_shape(lambda: init_params(config))
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def _save_random(folder, tokenizer=None, **changes) -> str:
