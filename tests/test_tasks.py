@@ -485,3 +485,30 @@ def test_pad_prompts():
         pad_prompts([[1, 2, 3]], pad_to=2)
     with pytest.raises(ValueError):
         pad_prompts([])
+
+
+def test_running_sum_random_offset_labels_and_default():
+    from jaxkv.tasks import make_task
+    import numpy as np
+    task = make_task("running_sum", n_digits=4, random_offset=True)
+    seen = set()
+    for seed in range(40):
+        ex = task.sample(np.random.default_rng(seed))
+        labels = [w for w in ex.prompt.split() if w.startswith("i")]
+        first = int(labels[0][1:])
+        # four consecutive labels from a random start in [0, 60]
+        assert labels == [f"i{first + k}" for k in range(4)] and 0 <= first <= 60
+        assert task.verify(ex, ex.target)
+        seen.add(first)
+    assert len(seen) > 10
+    # the default keeps labels from i0, so evaluation sets are unchanged
+    plain = make_task("running_sum", n_digits=4).sample(np.random.default_rng(0))
+    assert plain.prompt.split()[1] == "i0"
+    # hand case, offset 5: digits 3 9 -> sums 03 12
+    ex = make_task("running_sum", n_digits=2).make_example([3, 9], offset=5)
+    assert ex.prompt == "SUM i5 3 i6 9 ?" and ex.target == "i5 3 0 3 ; i6 9 1 2 ; A : 1 2"
+    import pytest
+    with pytest.raises(ValueError, match="offset=63"):
+        make_task("running_sum", n_digits=2).make_example([1, 2], offset=63)
+    with pytest.raises(ValueError, match="random_offset"):
+        make_task("running_sum", random_offset="yes")

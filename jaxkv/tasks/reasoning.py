@@ -37,15 +37,24 @@ class RunningSum(Task):
     Step k copies the index (successor of the previous one), finds ``d_k`` in the prompt by its
     index token (2 * n_digits + 1 + 3 k tokens back) and adds it to the previous running sum.
     Length: ``len(prompt_ids) + len(target_ids) = 7 * n_digits + 8`` (232 at the default).
+
+    ``random_offset=True`` labels the digits ``i{o} .. i{o+n-1}`` from a random offset
+    ``o`` in ``[0, 64 - n]``, so that short examples (a curriculum's early stages) still train
+    every index token; a model trained on short lists labelled from i0 only meets i16+ late and
+    fails its lookups there (seen in the first embedded run: every error began at i17).
     """
 
     name: ClassVar[str] = "running_sum"
     family: ClassVar[str] = "reasoning"
 
     n_digits: int = 32  # allowed 2..64 (one index token i0..i63 per digit)
+    random_offset: bool = False
 
     def __post_init__(self):
         self._check_int("n_digits", 2, 64)
+        if not isinstance(self.random_offset, bool):
+            raise ValueError(f"RunningSum: random_offset={self.random_offset!r} is not allowed; "
+                             f"expected True or False")
 
     @property
     def max_len(self) -> int:
@@ -55,11 +64,16 @@ class RunningSum(Task):
     def sample(self, rng: np.random.Generator) -> Example:
         rng = self._check_rng(rng)
         digits = rng.integers(0, 10, size=self.n_digits).tolist()
-        return self.make_example(digits)
+        offset = int(rng.integers(0, 64 - self.n_digits + 1)) if self.random_offset else 0
+        return self.make_example(digits, offset)
 
-    def make_example(self, digits: Sequence[int]) -> Example:
-        """The example for a given digit list (length ``n_digits``, entries 0..9)."""
+    def make_example(self, digits: Sequence[int], offset: int = 0) -> Example:
+        """The example for a given digit list (length ``n_digits``, entries 0..9), with index
+        labels starting at ``i{offset}``."""
         digits = [int(d) for d in digits]
+        if not 0 <= offset <= 64 - self.n_digits:
+            raise ValueError(f"RunningSum.make_example: offset={offset} is not allowed; expected "
+                             f"an integer in [0, {64 - self.n_digits}]")
         if len(digits) != self.n_digits or any(not 0 <= d <= 9 for d in digits):
             raise ValueError(
                 f"RunningSum.make_example: digits={digits!r} is not allowed; "
@@ -70,8 +84,8 @@ class RunningSum(Task):
         total = 0
         for k, d in enumerate(digits):
             total = (total + d) % 100
-            prompt += [f"i{k}", str(d)]
-            target += [f"i{k}", str(d), _two_digits(total), ";"]
+            prompt += [f"i{k + offset}", str(d)]
+            target += [f"i{k + offset}", str(d), _two_digits(total), ";"]
         prompt.append("?")
         answer = _two_digits(total)
         target += ["A", ":", answer]
