@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Optional, Tuple
@@ -35,11 +34,10 @@ import numpy as np
 
 from jaxkv.model.config import ModelConfig
 from jaxkv.model.decoder import Decoder
-from jaxkv.model.gated import gate_stats, init_gates, mixed_attention_fn, save_gates
+from jaxkv.model.gated import gate_stats, init_gates, mixed_attention_fn
 from train.pretrain import TaskMix
-from train.rlkv import (GATES_FILE, LOG_FILE, REPORT_FILE, GateCheckpoints, append_log,
-                        gate_update_fn, load_model, make_data_mesh, make_gate_optimizer,
-                        put_batch, replicate, trim_log, write_config)
+from train.rlkv import (gate_update_fn, load_model, make_data_mesh, make_gate_optimizer,
+                        put_batch, replicate, run_gate_training, write_config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +153,6 @@ def duo_step(cfg: DuoConfig, model, state: dict, tokens, answer_mask, mesh=None)
 def train_duo(cfg: DuoConfig, out_dir: str, max_steps: Optional[int] = None,
               progress: bool = True, model=None) -> dict:
     """Run (or resume) DuoAttention gate training into out_dir; returns the report."""
-    from tqdm import tqdm
-
     os.makedirs(out_dir, exist_ok=True)
     model = model if model is not None else load_model(cfg.model, cfg.dtype)
     mesh = make_data_mesh(cfg.data_parallel)
@@ -168,33 +164,12 @@ def train_duo(cfg: DuoConfig, out_dir: str, max_steps: Optional[int] = None,
     gates = replicate(init_gates(model.config, cfg.gate_init), mesh)
     state = {"gates": gates, "opt_state": optimizer.init(gates), "step": np.array(0, np.int64),
              "rng": np.asarray(jax.random.PRNGKey(cfg.seed))}  # unused: kept for one format
-    ckpt = GateCheckpoints(os.path.join(out_dir, "checkpoints"))
-    state, resumed = ckpt.restore_or(state, mesh)
-    start = int(state["step"])
-    log_path = os.path.join(out_dir, LOG_FILE)
-    trim_log(log_path, start)
-    if resumed and progress:
-        print(f"duo: resumed from step {start} ({out_dir}/checkpoints)")
-    end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-    bar = tqdm(range(start, end), initial=start, total=end, disable=not progress, desc="duo",
-               dynamic_ncols=True)
-    metrics: dict = {}
-    for step in bar:
-        tokens, answer_mask = batch_for_step(cfg, step)
-        state, metrics = duo_step(cfg, model, state, tokens, answer_mask, mesh)
-        bar.set_postfix(mse=f"{metrics['mse']:.2e}", gate=f"{metrics['mean_gate']:.3f}",
-                        sparsity=f"{metrics['sparsity']:.2f}")
-        append_log(log_path, metrics)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
-            ckpt.save(step + 1, state)
-    ckpt.close()
-    gates = np.asarray(state["gates"])
-    save_gates(os.path.join(out_dir, GATES_FILE), gates)
-    report = {"steps": int(state["step"]), "total_steps": cfg.steps, "seed": cfg.seed,
-              **gate_stats(gates), "last": metrics}
-    with open(os.path.join(out_dir, REPORT_FILE), "w") as f:
-        json.dump(report, f, indent=1)
-    return report
+    return run_gate_training(
+        "duo", cfg, out_dir, state, mesh,
+        lambda state, step: duo_step(cfg, model, state, *batch_for_step(cfg, step), mesh),
+        lambda m: dict(mse=f"{m['mse']:.2e}", gate=f"{m['mean_gate']:.3f}",
+                       sparsity=f"{m['sparsity']:.2f}"),
+        max_steps, progress)
 
 
 __all__ = ["DuoConfig", "batch_for_step", "distill_loss", "duo_step", "train_duo"]

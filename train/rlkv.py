@@ -755,12 +755,47 @@ class RLKVTrainer:
         return new_state, metrics
 
 
+def run_gate_training(name: str, cfg, out_dir: str, state: dict, mesh,
+                      step_fn: Callable[[dict, int], Tuple[dict, dict]],
+                      postfix: Callable[[dict], dict], max_steps: Optional[int] = None,
+                      progress: bool = True, extra_report: Optional[dict] = None) -> dict:
+    """The gate-training loop RLKV and DuoAttention share: resume from out_dir/checkpoints, run
+    `state, metrics = step_fn(state, step)` to `cfg.steps` (or `max_steps`) with a progress bar
+    (`postfix(metrics)`) and a JSONL log, checkpoint every `cfg.checkpoint_every` steps and at
+    the end, then write OUT/gates.json and OUT/report.json. Returns the report."""
+    from tqdm import tqdm
+
+    ckpt = GateCheckpoints(os.path.join(out_dir, "checkpoints"))
+    state, resumed = ckpt.restore_or(state, mesh)
+    start = int(state["step"])
+    log_path = os.path.join(out_dir, LOG_FILE)
+    trim_log(log_path, start)
+    if resumed and progress:
+        print(f"{name}: resumed from step {start} ({out_dir}/checkpoints)")
+    end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+    bar = tqdm(range(start, end), initial=start, total=end, disable=not progress, desc=name,
+               dynamic_ncols=True)
+    metrics: dict = {}
+    for step in bar:
+        state, metrics = step_fn(state, step)
+        bar.set_postfix(**postfix(metrics))
+        append_log(log_path, metrics)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
+            ckpt.save(step + 1, state)
+    ckpt.close()
+    gates = np.asarray(state["gates"])
+    save_gates(os.path.join(out_dir, GATES_FILE), gates)
+    report = {"steps": int(state["step"]), "total_steps": cfg.steps, "seed": cfg.seed,
+              **(extra_report or {}), **gate_stats(gates), "last": metrics}
+    with open(os.path.join(out_dir, REPORT_FILE), "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
 def train_rlkv(cfg: RLKVConfig, out_dir: str, max_steps: Optional[int] = None,
                progress: bool = True, model=None,
                reward_fn: Optional[Callable[[Item, Sequence[int]], float]] = None) -> dict:
     """Run (or resume) RLKV into out_dir; returns the report (also OUT/report.json)."""
-    from tqdm import tqdm
-
     os.makedirs(out_dir, exist_ok=True)
     model = model if model is not None else load_model(cfg.model, cfg.dtype)
     mesh = make_data_mesh(cfg.data_parallel)
@@ -782,36 +817,19 @@ def train_rlkv(cfg: RLKVConfig, out_dir: str, max_steps: Optional[int] = None,
     if progress:
         print(f"rlkv: training set {distill_stats}")
 
-    ckpt = GateCheckpoints(os.path.join(out_dir, "checkpoints"))
-    state, resumed = ckpt.restore_or(trainer.init_state(), mesh)
-    start = int(state["step"])
-    log_path = os.path.join(out_dir, LOG_FILE)
-    trim_log(log_path, start)
-    if resumed and progress:
-        print(f"rlkv: resumed from step {start} ({out_dir}/checkpoints)")
-    end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-    bar = tqdm(range(start, end), initial=start, total=end, disable=not progress, desc="rlkv",
-               dynamic_ncols=True)
-    metrics: dict = {}
-    for step in bar:
+    def step_fn(state, step):
         batch = [items[i] for i in step_indices(len(items), step, cfg.prompts_per_step, cfg.seed)]
-        state, metrics = trainer.step(state, batch)
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", pen=f"{metrics['penalty']:.1e}",
-                        gate=f"{metrics['mean_gate']:.3f}", sparsity=f"{metrics['sparsity']:.2f}")
-        append_log(log_path, metrics)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
-            ckpt.save(step + 1, state)
-    ckpt.close()
-    gates = np.asarray(state["gates"])
-    save_gates(os.path.join(out_dir, GATES_FILE), gates)
-    report = {"steps": int(state["step"]), "total_steps": cfg.steps, "seed": cfg.seed,
-              "distill": distill_stats, **gate_stats(gates), "last": metrics}
-    with open(os.path.join(out_dir, REPORT_FILE), "w") as f:
-        json.dump(report, f, indent=1)
-    return report
+        return trainer.step(state, batch)
+
+    return run_gate_training(
+        "rlkv", cfg, out_dir, trainer.init_state(), mesh, step_fn,
+        lambda m: dict(reward=f"{m['reward_mean']:.2f}", pen=f"{m['penalty']:.1e}",
+                       gate=f"{m['mean_gate']:.3f}", sparsity=f"{m['sparsity']:.2f}"),
+        max_steps, progress, extra_report={"distill": distill_stats})
 
 
 __all__ = ["RLKVConfig", "EmbeddedSource", "JsonlSource", "RLKVTrainer", "train_rlkv",
            "adaptive_scale", "l1_penalty", "compute_advantages", "build_loss_batch",
            "stratified_by_length", "step_indices", "completion_logprobs", "clipped_policy_loss",
-           "self_distill", "make_gate_optimizer", "load_model", "GateCheckpoints"]
+           "self_distill", "make_gate_optimizer", "load_model", "GateCheckpoints",
+           "run_gate_training"]
