@@ -147,13 +147,6 @@ def make_train_step(cfg: PretrainConfig, optimizer):
     return train_step
 
 
-def abstract_tree(tree):
-    """Shapes and dtypes of a pytree (numpy scalars included), the target orbax restores into."""
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(
-            x, "dtype") else x.dtype), tree)
-
-
 def _checkpoint_manager(directory: str):
     import orbax.checkpoint as ocp
     options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
@@ -191,12 +184,13 @@ def pretrain(cfg: PretrainConfig, out_dir: str, max_steps: Optional[int] = None,
     optimizer = make_optimizer(cfg)
     params = init_params(cfg.model, cfg.seed)
     opt_state = optimizer.init(params)
-    state = {"params": params, "opt_state": opt_state, "step": np.int64(0)}
+    state = {"params": params, "opt_state": opt_state, "step": np.array(0, np.int64)}  # 0-d array: orbax restores it
     manager = _checkpoint_manager(os.path.join(out_dir, "checkpoints"))
     latest = manager.latest_step()
     if latest is not None:
         import orbax.checkpoint as ocp
-        state = manager.restore(latest, args=ocp.args.StandardRestore(abstract_tree(state)))
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+        state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
         print(f"resumed from step {int(state['step'])} ({out_dir}/checkpoints)")
     start = int(state["step"])
     end = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
@@ -220,7 +214,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str, max_steps: Optional[int] = None,
                                 "elapsed_s": round(time.time() - t0, 2)}) + "\n")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
             manager.save(step + 1, args=ocp.args.StandardSave(
-                {"params": params, "opt_state": opt_state, "step": np.int64(step + 1)}))
+                {"params": params, "opt_state": opt_state, "step": np.array(step + 1, np.int64)}))
     manager.wait_until_finished()
     manager.close()
     report = {"steps": end, "total_steps": cfg.total_steps, "seed": cfg.seed,
