@@ -1,0 +1,367 @@
+"""Uniform asymmetric round-to-nearest (RTN) quantisation at 2, 4 and 8 bits, bit packing, and
+the per-model distortion table `eps(b)` that RDKV's bit allocation reads (METHODS.md section 3).
+
+Quantiser. Along `axis` (the reduction axis) each slice gets a float16 zero-point and scale:
+
+    zero_point = min(x),   scale = (max(x) - min(x)) / (2^b - 1)
+    code = clip(round((x - zero_point) / scale), 0, 2^b - 1)        uint8
+    x_hat = zero_point + code * scale                               (in float32)
+
+K is quantised per channel (reduce over the token axis: `axis=-2` for [B, K, T, D]), V per token
+(reduce over the head dim: `axis=-1`). Because zero-point and scale are stored in float16, they
+are rounded in the safe direction: the zero-point down to the largest float16 <= min(x) and the
+scale up to the smallest float16 >= (max(x) - zero_point) / (2^b - 1), so the grid still covers
+[min, max] and every element is within scale / 2 of its reconstruction (up to float32 rounding of
+the reconstruction itself). A constant slice gets scale 0 and code 0 and is reconstructed exactly
+when the constant is a float16 value (e.g. zero padding); otherwise within float16 resolution.
+Values must lie within the float16 range (|x| <= 65504) for the bound to hold; beyond it the
+zero-point and scale saturate at +-65504 and codes clip.
+
+Packing (along the last axis, little-endian inside a byte: the first code in the lowest bits):
+four 2-bit codes per byte, two 4-bit codes per byte, 8-bit codes as they are; a length that is
+not a multiple of the codes per byte is padded with zero codes.
+
+Distortion table. `eps(b) = ||X - Q_b(X)||^2 / ||X||^2` (normalised MSE), `eps(0) = 1` (evicted)
+and `eps(16) = 0` (kept in 16 bits, by definition). `calibrate_eps` measures it once per model on
+sample keys (per channel) and values (per token); `save_eps` / `load_eps` keep it in a JSON file
+tied to a model fingerprint.
+
+Notation: B batch, K kv heads, T tokens, D head dim, `...` any leading dims, N the packed axis.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tempfile
+from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BIT_WIDTHS = (0, 2, 4, 8, 16)   # every width a token or channel may get (0 evicts, 16 keeps whole)
+CODE_BITS = (2, 4, 8)           # widths stored as uint8 codes with a scale and zero-point
+_F16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+class Quantized(NamedTuple):
+    """codes: uint8, the shape of x; scale, zero_point: float16, x's shape with `axis` kept as 1."""
+    codes: jax.Array
+    scale: jax.Array
+    zero_point: jax.Array
+
+
+# ---- validation ----------------------------------------------------------------------------------
+def _allowed(values) -> str:
+    return "{" + ", ".join(str(v) for v in values) + "}"
+
+
+def check_bits(bits, allowed: Sequence[int] = BIT_WIDTHS, name: str = "bits") -> int:
+    """`bits` as a Python int, or a ValueError naming `name`, the value and the allowed set."""
+    if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, np.integer)) \
+            or int(bits) not in BIT_WIDTHS:
+        raise ValueError(f"{name}={bits!r}: bit width must be one of {_allowed(BIT_WIDTHS)}")
+    if int(bits) not in allowed:
+        raise ValueError(f"{name}={bits!r}: must be one of {_allowed(allowed)} here "
+                         f"(0 evicts and 16 keeps the value whole; neither has codes)")
+    return int(bits)
+
+
+def _check_axis(axis, ndim: int) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) \
+            or not -ndim <= axis < ndim:
+        raise ValueError(f"axis={axis!r}: must be an integer in [{-ndim}, {ndim - 1}] for an array "
+                         f"with {ndim} dims")
+    return int(axis) % ndim
+
+
+def _as_float(x, name: str = "x") -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name}.dtype={x.dtype}: must be a floating dtype (float16, bfloat16, "
+                         f"float32)")
+    if x.ndim == 0:
+        raise ValueError(f"{name}.shape=(): must have at least one axis to reduce over")
+    return x.astype(jnp.float32)
+
+
+# ---- quantise / dequantise -----------------------------------------------------------------------
+def _f16_down(x: jax.Array) -> jax.Array:
+    """Largest float16 <= x (x float32), saturating at -65504 / 65504."""
+    h = jnp.clip(x, -_F16_MAX, _F16_MAX).astype(jnp.float16)
+    h = jnp.where(h.astype(jnp.float32) > x, jnp.nextafter(h, jnp.float16(-jnp.inf)), h)
+    return jnp.clip(h, -_F16_MAX, _F16_MAX)
+
+
+def _f16_up(x: jax.Array) -> jax.Array:
+    """Smallest float16 >= x (x float32), saturating at -65504 / 65504."""
+    h = jnp.clip(x, -_F16_MAX, _F16_MAX).astype(jnp.float16)
+    h = jnp.where(h.astype(jnp.float32) < x, jnp.nextafter(h, jnp.float16(jnp.inf)), h)
+    return jnp.clip(h, -_F16_MAX, _F16_MAX)
+
+
+def quantize(x, bits: int, axis: int, where=None) -> Quantized:
+    """Uniform asymmetric RTN quantisation of x at `bits` in {2, 4, 8}, one float16 scale and
+    zero-point per slice along `axis` (min and max taken over that axis).
+
+    x: float array; axis: the axis reduced over (K per channel: the token axis; V per token: the
+    head-dim axis); where: optional bool mask broadcastable to x: only True elements enter min and
+    max (e.g. kept tokens of a padded segment); codes of False elements are 0; a slice with no True
+    element gets scale 0 and zero-point 0. `bits` and `axis` are static under jit.
+    """
+    bits = check_bits(bits, CODE_BITS)
+    x = _as_float(x)                                            # [..., n, ...] float32
+    axis = _check_axis(axis, x.ndim)
+    if where is not None:
+        where = jnp.broadcast_to(jnp.asarray(where, bool), x.shape)
+    return _quantize(x, bits, axis, where)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize(x, bits: int, axis: int, where) -> Quantized:
+    levels = float(2 ** bits - 1)
+    if where is None:
+        mn = jnp.min(x, axis=axis, keepdims=True)                # [..., 1, ...]
+        mx = jnp.max(x, axis=axis, keepdims=True)
+    else:
+        mn = jnp.min(jnp.where(where, x, jnp.inf), axis=axis, keepdims=True)
+        mx = jnp.max(jnp.where(where, x, -jnp.inf), axis=axis, keepdims=True)
+        empty = ~jnp.any(where, axis=axis, keepdims=True)
+        mn = jnp.where(empty, 0.0, mn)
+        mx = jnp.where(empty, 0.0, mx)
+    zero_point = _f16_down(mn)                                  # float16, <= min
+    z = zero_point.astype(jnp.float32)
+    scale = _f16_up((mx - z) / levels)                          # float16, grid covers [min, max]
+    s = scale.astype(jnp.float32)
+    safe = jnp.where(s > 0, s, 1.0)                             # constant slice: scale 0, code 0
+    codes = jnp.where(s > 0, jnp.round((x - z) / safe), 0.0)
+    codes = jnp.clip(codes, 0.0, levels).astype(jnp.uint8)
+    if where is not None:
+        codes = jnp.where(where, codes, jnp.uint8(0))
+    return Quantized(codes, scale, zero_point)
+
+
+def dequantize(codes, scale, zero_point, dtype=jnp.float32) -> jax.Array:
+    """zero_point + codes * scale in float32, cast to `dtype` (scale and zero-point broadcast)."""
+    codes = jnp.asarray(codes)
+    if not jnp.issubdtype(codes.dtype, jnp.integer):
+        raise ValueError(f"codes.dtype={codes.dtype}: must be an integer dtype (uint8 codes)")
+    return _dequantize(codes, jnp.asarray(scale), jnp.asarray(zero_point), jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _dequantize(codes, scale, zero_point, dtype):
+    out = zero_point.astype(jnp.float32) + codes.astype(jnp.float32) * scale.astype(jnp.float32)
+    return out.astype(dtype)
+
+
+def fake_quantize(x, bits: int, axis: int, where=None) -> jax.Array:
+    """Q_b(x): x quantised and dequantised (float32). bits 0 gives zeros, 16 gives x unchanged
+    (as the allocation treats them: evicted, or kept whole)."""
+    bits = check_bits(bits)
+    x = _as_float(x)
+    if bits == 0:
+        return jnp.zeros_like(x)
+    if bits == 16:
+        return x
+    return dequantize(*quantize(x, bits, axis, where))
+
+
+# ---- packing -------------------------------------------------------------------------------------
+def packed_length(n: int, bits: int) -> int:
+    """Bytes that `pack` makes of n codes at `bits` (ceil(n * bits / 8))."""
+    bits = check_bits(bits, CODE_BITS)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n={n!r}: must be an integer >= 0")
+    per = 8 // bits
+    return -(-int(n) // per)
+
+
+def pack(codes, bits: int) -> jax.Array:
+    """codes [..., n] integer (each < 2^bits; higher bits are dropped) -> uint8
+    [..., ceil(n * bits / 8)], 8 // bits codes per byte, the first in the lowest bits; n padded
+    with zero codes."""
+    bits = check_bits(bits, CODE_BITS)
+    codes = jnp.asarray(codes)
+    if not jnp.issubdtype(codes.dtype, jnp.integer):
+        raise ValueError(f"codes.dtype={codes.dtype}: must be an integer dtype (uint8 codes)")
+    if codes.ndim == 0:
+        raise ValueError("codes.shape=(): must have a last axis to pack along")
+    return _pack(codes.astype(jnp.uint8), bits)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _pack(codes, bits: int):
+    if bits == 8:
+        return codes
+    per, n = 8 // bits, codes.shape[-1]
+    m = packed_length(n, bits)
+    codes = codes & jnp.uint8(2 ** bits - 1)
+    if m * per != n:                                            # pad to whole bytes
+        codes = jnp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, m * per - n)])
+    grouped = codes.reshape(codes.shape[:-1] + (m, per))        # [..., m, per]
+    shifts = (jnp.arange(per, dtype=jnp.uint8) * bits).astype(jnp.uint8)  # [per]
+    # Disjoint bit fields, so the sum is the bitwise OR and stays below 256.
+    return jnp.sum(grouped << shifts, axis=-1, dtype=jnp.uint8)  # [..., m]
+
+
+def unpack(packed, bits: int, n: int) -> jax.Array:
+    """packed uint8 [..., ceil(n*bits/8)] -> codes uint8 [..., n] (inverse of `pack`)."""
+    bits = check_bits(bits, CODE_BITS)
+    packed = jnp.asarray(packed)
+    if packed.dtype != jnp.uint8:
+        raise ValueError(f"packed.dtype={packed.dtype}: must be uint8 (the output of pack)")
+    if packed.ndim == 0:
+        raise ValueError("packed.shape=(): must have a last axis to unpack along")
+    m = packed_length(n, bits)
+    if packed.shape[-1] != m:
+        raise ValueError(f"n={n!r}: {n} codes at {bits} bits take {m} bytes, but "
+                         f"packed.shape[-1]={packed.shape[-1]}")
+    return _unpack(packed, bits, n)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _unpack(packed, bits: int, n: int):
+    if bits == 8:
+        return packed[..., :n]
+    per, m = 8 // bits, packed.shape[-1]
+    shifts = (jnp.arange(per, dtype=jnp.uint8) * bits).astype(jnp.uint8)  # [per]
+    codes = (packed[..., None] >> shifts) & jnp.uint8(2 ** bits - 1)       # [..., m, per]
+    return codes.reshape(packed.shape[:-1] + (m * per,))[..., :n]
+
+
+# ---- distortion --------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _squared_error_sums(x, bits: int, axis: int, where=None):
+    """(sum (x - Q_b(x))^2, sum x^2) over the (valid) elements, float32 scalars. x float32,
+    axis nonnegative, where None or bool of x's shape."""
+    err = x - dequantize(*_quantize(x, bits, axis, where))
+    if where is not None:
+        err = jnp.where(where, err, 0.0)
+        x = jnp.where(where, x, 0.0)
+    return jnp.sum(err * err), jnp.sum(x * x)
+
+
+def normalized_mse(x, bits: int, axis: int, where=None) -> jax.Array:
+    """eps_b(x) = ||x - Q_b(x)||^2 / ||x||^2 (float32 scalar); eps(0) = 1 and eps(16) = 0 by
+    definition; 0 when x is all zeros (and bits is not 0). `where`: as in `quantize`."""
+    bits = check_bits(bits)
+    if bits == 0:
+        return jnp.float32(1.0)
+    if bits == 16:
+        return jnp.float32(0.0)
+    x = _as_float(x)
+    axis = _check_axis(axis, x.ndim)
+    if where is not None:
+        where = jnp.broadcast_to(jnp.asarray(where, bool), x.shape)
+    num, den = _squared_error_sums(x, bits, axis, where)
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+EpsTable = Dict[str, Dict[int, float]]
+
+
+def calibrate_eps(keys, values, key_axis: int = -2, value_axis: int = -1) -> EpsTable:
+    """Distortion table {"k": {2: e, 4: e, 8: e}, "v": {...}} (Python floats) from sample keys and
+    values: K per channel (min/max over tokens, `key_axis`, default -2 of [..., T, D]), V per token
+    (over the head dim, `value_axis`, default -1). keys / values: one array or a sequence of arrays
+    (e.g. one per prompt or layer); the error and the norm are summed over all of them before
+    dividing. eps(0) = 1 and eps(16) = 0 are not stored (they hold by definition)."""
+    out = {}
+    for name, arrays, axis in (("k", keys, key_axis), ("v", values, value_axis)):
+        if isinstance(arrays, (list, tuple)):
+            if not arrays:
+                raise ValueError(f"{'keys' if name == 'k' else 'values'}=[]: give at least one "
+                                 f"sample array")
+        else:
+            arrays = [arrays]
+        table = {}
+        for bits in CODE_BITS:
+            num = den = 0.0
+            for a in arrays:
+                a = _as_float(a, "keys" if name == "k" else "values")
+                n, d = _squared_error_sums(a, bits, _check_axis(axis, a.ndim))
+                num, den = num + float(n), den + float(d)
+            table[bits] = num / den if den > 0 else 0.0
+        out[name] = table
+    return out
+
+
+def _check_eps_table(eps, where: str) -> EpsTable:
+    if not isinstance(eps, Mapping) or set(eps) != {"k", "v"}:
+        raise ValueError(f"{where}: must be a mapping with keys 'k' and 'v' "
+                         f"(each {{bits: eps}}), got {eps!r}")
+    out = {}
+    for name in ("k", "v"):
+        table = eps[name]
+        if not isinstance(table, Mapping) or not table:
+            raise ValueError(f"{where}[{name!r}]={table!r}: must be a non-empty mapping "
+                             f"{{bits: eps}}")
+        clean = {}
+        for b, e in table.items():
+            b = check_bits(int(b) if isinstance(b, str) and b.isdigit() else b,
+                           name=f"{where}[{name!r}] bits")
+            if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) \
+                    or e < 0:
+                raise ValueError(f"{where}[{name!r}][{b}]={e!r}: must be a finite number >= 0")
+            clean[b] = float(e)
+        out[name] = dict(sorted(clean.items()))
+    return out
+
+
+def _check_fingerprint(fp) -> str:
+    if not isinstance(fp, str) or not fp:
+        raise ValueError(f"model_fingerprint={fp!r}: must be a non-empty string identifying the "
+                         f"model (e.g. checkpoint name and a hash of its config)")
+    return fp
+
+
+def save_eps(path: Union[str, os.PathLike], eps: EpsTable, model_fingerprint: str) -> None:
+    """Write the table as JSON, atomically (a temporary file in the same folder, then os.replace).
+    {"format": 1, "model_fingerprint": ..., "eps": {"k": {"2": e, ...}, "v": {...}}}."""
+    eps = _check_eps_table(eps, "eps")
+    _check_fingerprint(model_fingerprint)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"path={path!r}: folder {folder!r} does not exist")
+    doc = {"format": 1, "model_fingerprint": model_fingerprint,
+           "eps": {name: {str(b): e for b, e in table.items()} for name, table in eps.items()}}
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_eps(path: Union[str, os.PathLike], model_fingerprint: str) -> EpsTable:
+    """Read a table written by `save_eps` for the model `model_fingerprint`; {"k": {2: e, ...},
+    "v": {...}} with int keys. A file for another model raises ValueError naming the file and
+    both fingerprints; a missing file raises FileNotFoundError."""
+    _check_fingerprint(model_fingerprint)
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"path={path!r}: no eps calibration file there (write one with "
+                                f"calibrate_eps + save_eps)")
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"path={path!r}: not a JSON eps calibration file ({e})") from None
+    if not isinstance(doc, dict) or "model_fingerprint" not in doc or "eps" not in doc:
+        raise ValueError(f"path={path!r}: not an eps calibration file (needs 'model_fingerprint' "
+                         f"and 'eps')")
+    if doc["model_fingerprint"] != model_fingerprint:
+        raise ValueError(f"path={path!r}: calibrated for model_fingerprint="
+                         f"{doc['model_fingerprint']!r}, not for model_fingerprint="
+                         f"{model_fingerprint!r}; calibrate this model again")
+    return _check_eps_table(doc["eps"], f"{path!r} eps")
