@@ -89,6 +89,18 @@ def prefill_and_decode(params, tokens, lengths, rng, temperature, top_p, *, conf
     return out, caches
 
 
+def check_finite_caches(caches) -> None:
+    """Raise ValueError if a compressed cache holds NaN/Inf. Policies built on
+    `jaxkv.policies.snapkv` poison their whole output when their input cache is not finite, so a
+    NaN that the selection happened to drop still surfaces here instead of a silently wrong cache."""
+    for i, cache in enumerate(caches):
+        leaves = [x for x in jax.tree_util.tree_leaves(cache) if jnp.issubdtype(x.dtype, jnp.floating)]
+        if leaves and not bool(jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))):
+            raise ValueError(f"layer {i}: the KV cache holds NaN or Inf after prefill (the model's "
+                             f"keys/values are not finite: check the weights and dtype); "
+                             f"compression on it would be meaningless")
+
+
 def split_policy(policy):
     """(static part, traced leaves) of a policy.
 
@@ -187,6 +199,8 @@ def generate(model: Model, prompts, max_new_tokens: int, policy: Any = None,
     full = cfg.kv_bytes_per_token() * len(token_lists) * capacity + 4 * cfg.num_layers * len(
         token_lists)  # + int32 lengths per layer, as DenseCache holds
     kept = cache_nbytes(caches)  # shapes are fixed through decoding: read off the final arrays
+    if policy is not None:
+        check_finite_caches(caches)
     del caches
     return Generation(tokens=new_tokens, texts=texts, cache_bytes=kept, full_cache_bytes=full,
                       prompt_lengths=[len(p) for p in token_lists])

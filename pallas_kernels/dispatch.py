@@ -18,3 +18,10 @@ def headsplit_decode_attention(q, full_k, full_v, full_lengths, stream_k, stream
     return headsplit_decode_attention_reference(
         q, full_k, full_v, full_lengths, stream_k, stream_v, stream_counts,
         full_heads=full_heads, stream_heads=stream_heads, sink=sink, window=window, scale=scale)
+
+
+def sparse_decode_attention(q, k, v, heads, new_k, new_v, new_lengths, *, scale: float):
+    """q: [B, H, D]; ragged prompt part k, v [B, N, D] + heads [B, N]; decode part new_k, new_v
+    [B, K, E, D] + new_lengths [B] -> [B, H, D]. See pallas_kernels.sparse_decode."""
+    from pallas_kernels.sparse_decode import sparse_decode_attention_reference
+    return sparse_decode_attention_reference(q, k, v, heads, new_k, new_v, new_lengths, scale)

@@ -32,6 +32,7 @@ class LayerObservation:
     query_positions: [B, Q] int32 positions the policy asked for
     lengths:         [B] int32 prompt lengths
     o_proj:          [H*D, E] output projection kernel of this layer (value-norm scoring)
+    inv_freq:        [D/2] RoPE inverse frequencies (to re-rotate queries to another position)
     extra_capacity:  static number of slots to leave for tokens generated while decoding
     """
 
@@ -39,6 +40,7 @@ class LayerObservation:
     query_positions: jax.Array
     lengths: jax.Array
     o_proj: jax.Array
+    inv_freq: jax.Array
     layer: int = flax.struct.field(pytree_node=False)
     extra_capacity: int = flax.struct.field(pytree_node=False)
     scale: float = flax.struct.field(pytree_node=False)
@@ -176,6 +178,7 @@ class Decoder(nn.Module):
                     queries=q_obs.transpose(0, 2, 1, 3),  # [B, H, Q, D]
                     query_positions=query_positions, lengths=lengths.astype(jnp.int32),
                     o_proj=layer.self_attn.o_proj.variables["params"]["kernel"],
+                    inv_freq=jnp.asarray(rope_inv_freq(self.config)),
                     layer=i, extra_capacity=capacity - t, scale=self.scale)
                 cache = policy.compress_layer(i, DenseCache.from_prefill(k_t, v_t, lengths, t), obs)
             caches.append(cache)

@@ -31,6 +31,10 @@ _PLUGIN_MODULES: Tuple[str, ...] = (
     "jaxkv.policies.streaming",
     "jaxkv.policies.rlkv",  # also "random_heads"
     "jaxkv.policies.duo",
+    "jaxkv.policies.snapkv",  # also "pyramidkv", "chunkkv"
+    "jaxkv.policies.adakv",  # also "criticalkv", "critical_adakv"
+    "jaxkv.policies.merging",  # "cam", "nearest_merge", "kvmerger"
+    "jaxkv.policies.grkv",
 )
 _plugins_loaded = False
 

@@ -1,0 +1,322 @@
+"""SnapKV-family prompt eviction after prefill: SnapKV, PyramidKV, ChunkKV, and the shared
+machinery (observation-window scores, pooling, per-head and head-wise top-k) that AdaKV,
+CriticalKV, the merging baselines and GRKV build on.
+
+Every policy here keeps, per layer, `budget` of each sequence's prompt tokens (on average over the
+KV heads of the layer), the last `window` prompt tokens of every head always included, and stores
+them in a `SparseCache` whose arrays are that size (`SparseCache` docstring: the only padding is a
+sequence shorter than the padded prompt). Tokens generated while decoding are all kept.
+
+Scores (SnapKV, Li et al. 2024): the attention of the last `window` prompt queries onto every
+earlier token, averaged over those queries and over the G query heads of a KV head, then 1-D
+average-pooled with `kernel` (which is what makes the kept tokens come in spans).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxkv.cache.sparse import SparseCache
+from jaxkv.policies.base import Policy, check_budget, last_positions
+from jaxkv.policies.registry import register_method
+
+NEG_INF = -1e30
+# prepare_scores scales each sequence's scores into [0, 1]; adding FORCED (or 2 * FORCED) puts a
+# token above every unforced one while keeping the order among forced tokens.
+FORCED = 2.0
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
+    return value
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def window_attention(cache, obs, window: int) -> jax.Array:
+    """Attention probabilities of the last `window` prompt queries: float32 [B, K, G, W, T].
+
+    obs.queries[:, :, :window] must be the post-RoPE queries at `last_positions(lengths, window)`.
+    Causal: a query at position p sees keys at positions <= p (and < length)."""
+    k = cache.k  # [B, K, T, D]
+    b, kh, t, d = k.shape
+    q = obs.queries[:, :, :window]  # [B, H, W, D]
+    g = q.shape[1] // kh
+    qg = q.reshape(b, kh, g, window, d).astype(jnp.float32)
+    logits = jnp.einsum("BKGWD,BKTD->BKGWT", qg, k.astype(jnp.float32)) * obs.scale
+    qpos = obs.query_positions[:, :window]  # [B, W]
+    visible = jnp.arange(t)[None, None, :] <= qpos[:, :, None]  # [B, W, T]
+    visible &= jnp.arange(t)[None, None, :] < obs.lengths[:, None, None]
+    logits = jnp.where(visible[:, None, None], logits, NEG_INF)
+    return jax.nn.softmax(logits, axis=-1) * visible[:, None, None]
+
+
+def avg_pool(x: jax.Array, kernel: int) -> jax.Array:
+    """1-D average pooling along the last axis, stride 1, same length (zero padding, divided by
+    the kernel size, as torch's avg_pool1d with padding=kernel//2 does)."""
+    if kernel <= 1:
+        return x
+    pad = kernel // 2
+    xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(pad, kernel - 1 - pad)])
+    windows = jnp.stack([xp[..., i:i + x.shape[-1]] for i in range(kernel)], axis=0)
+    return windows.sum(0) / kernel
+
+
+def snapkv_scores(cache, obs, window: int, kernel: int) -> jax.Array:
+    """float32 [B, K, T]: window attention averaged over the window queries and the G query heads
+    of each KV head, then average-pooled with `kernel`."""
+    probs = window_attention(cache, obs, window)  # [B, K, G, W, T]
+    return avg_pool(probs.mean(axis=(2, 3)), kernel)
+
+
+def value_norms(cache, obs, chunk: int = 256) -> jax.Array:
+    """float32 [B, K, T]: ||W_o v||_1 of each value, summed over the G query heads that read it
+    (CriticalKV's measure of a value's effect on the layer output). Computed in chunks of tokens
+    so the [.., G, chunk, E] projection stays small."""
+    v = cache.v  # [B, K, T, D]
+    b, kh, t, d = v.shape
+    wo = obs.o_proj.astype(jnp.float32)  # [H*D, E]
+    g = wo.shape[0] // (kh * d)
+    wo = wo.reshape(kh, g, d, wo.shape[-1])  # [K, G, D, E]
+    n_chunks = -(-t // chunk)
+    vp = jnp.pad(v.astype(jnp.float32), [(0, 0), (0, 0), (0, n_chunks * chunk - t), (0, 0)])
+    vc = vp.reshape(b, kh, n_chunks, chunk, d).transpose(2, 0, 1, 3, 4)  # [C, B, K, c, D]
+
+    def one(x):  # [B, K, c, D] -> [B, K, c]
+        return jnp.abs(jnp.einsum("BKTD,KGDE->BKGTE", x, wo)).sum(axis=(2, 4))
+    out = jax.lax.map(one, vc)  # [C, B, K, c]
+    return out.transpose(1, 2, 0, 3).reshape(b, kh, n_chunks * chunk)[..., :t]
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def window_mask(lengths: jax.Array, t: int, window: int) -> jax.Array:
+    """bool [B, T]: the last `window` prompt tokens of each sequence."""
+    pos = jnp.arange(t)[None, :]
+    return (pos < lengths[:, None]) & (pos >= lengths[:, None] - window)
+
+
+def per_row_keep(budget: float, lengths: jax.Array, minimum: int) -> jax.Array:
+    """int32 [B]: tokens kept per head for each sequence: round(budget * length), at least
+    `minimum` (the window) and at most the length."""
+    n = jnp.round(budget * lengths.astype(jnp.float32)).astype(jnp.int32)
+    return jnp.minimum(jnp.maximum(n, minimum), lengths.astype(jnp.int32))
+
+
+def _rank_keep(scores: jax.Array, n_max: int, n_keep: jax.Array) -> jax.Array:
+    """bool mask like scores [B, X, N]: the top min(n_keep[b], n_max) entries of each row (ties:
+    lower index first), never an entry scored NEG_INF."""
+    n_max = min(n_max, scores.shape[-1])
+    vals, idx = jax.lax.top_k(scores, n_max)  # [B, X, n_max]
+    take = (jnp.arange(n_max)[None, None, :] < n_keep[:, None, None]) & (vals > NEG_INF / 2)
+    b, x = scores.shape[:2]
+    bi = jnp.broadcast_to(jnp.arange(b)[:, None, None], idx.shape)
+    xi = jnp.broadcast_to(jnp.arange(x)[None, :, None], idx.shape)
+    return jnp.zeros(scores.shape, bool).at[bi, xi, idx].set(take)
+
+
+def prepare_scores(scores: jax.Array, lengths: jax.Array, window: int) -> jax.Array:
+    """Nonnegative scores [B, K, T] scaled into [0, 1] per sequence, the window forced
+    (FORCED + score) and padding excluded (NEG_INF)."""
+    t = scores.shape[-1]
+    valid = jnp.arange(t)[None, :] < lengths[:, None]  # [B, T]
+    forced = window_mask(lengths, t, window)
+    top = jnp.where(valid[:, None, :], scores, 0.0).max(axis=(1, 2), keepdims=True)
+    s = scores / jnp.maximum(top, 1e-30)
+    s = jnp.where(forced[:, None, :], FORCED + s, s)
+    return jnp.where(valid[:, None, :], s, NEG_INF)
+
+
+def select_per_head(scores: jax.Array, n_keep: jax.Array, n_max: int) -> jax.Array:
+    """bool [B, K, T]: each head keeps its top n_keep[b] tokens (scores from prepare_scores)."""
+    return _rank_keep(scores, n_max, n_keep)
+
+
+def select_headwise(scores: jax.Array, n_keep: jax.Array, n_max: int,
+                    safeguard: float) -> jax.Array:
+    """AdaKV (Feng et al. 2024): one top-k over all heads of the layer for K * n_keep[b] tokens,
+    after guaranteeing each head its top floor(safeguard * n_keep[b]) tokens.
+    scores: [B, K, T] from prepare_scores -> bool [B, K, T]."""
+    b, kh, t = scores.shape
+    n_safe = jnp.floor(safeguard * n_keep.astype(jnp.float32)).astype(jnp.int32)
+    safe = _rank_keep(scores, n_max, n_safe)
+    boosted = jnp.where(safe, scores + 2 * FORCED, scores).reshape(b, 1, kh * t)
+    keep = _rank_keep(boosted, kh * n_max, kh * n_keep)
+    return keep.reshape(b, kh, t)
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapKV(Policy):
+    """SnapKV: every KV head keeps its top `budget` of the prompt by pooled window attention.
+
+    budget: fraction of prompt tokens kept per head, in (0, 1]; window: observation window
+    (always kept); kernel: pooling size (odd, >= 1)."""
+
+    budget: float = 0.2
+    window: int = 32
+    kernel: int = 5
+
+    name = "snapkv"
+
+    def __post_init__(self):
+        check_budget(self.budget)
+        _check_int("window", self.window, 1)
+        _check_int("kernel", self.kernel, 1)
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel={self.kernel}: the pooling kernel must be odd")
+
+    # -- shared -------------------------------------------------------------------------------
+    def observation_positions(self, lengths, t: int):
+        return last_positions(lengths, self.window)
+
+    def min_keep(self) -> int:
+        """Tokens a head must be able to keep: the window (subclasses add their frozen guard)."""
+        return self.window
+
+    def n_max(self, layer: int, t: int) -> int:
+        """Static per-head slots of layer `layer` for a padded prompt of t tokens."""
+        n = int(round(self.budget * t))
+        if n < self.min_keep():
+            raise ValueError(
+                f"budget={self.budget}: keeps {n} of {t} prompt tokens per head, fewer than the "
+                f"{self.min_keep()} that are always kept (window={self.window}"
+                f"{self._guard_text()}); raise the budget or shrink the window")
+        return n
+
+    def _guard_text(self) -> str:
+        return ""
+
+    def scores(self, cache, obs) -> jax.Array:
+        return snapkv_scores(cache, obs, self.window, self.kernel)
+
+    def n_keep(self, layer: int, lengths, t: int) -> jax.Array:
+        return per_row_keep(self.budget, lengths, self.window)
+
+    def select(self, layer: int, scores, n_keep, n_max: int, cache, obs) -> jax.Array:
+        return select_per_head(scores, n_keep, n_max)
+
+    def adjust(self, layer: int, k, v, keep, scores, cache, obs) -> Tuple[jax.Array, jax.Array]:
+        """Hook for merging policies: new keys/values [B, K, T, D] of the kept tokens."""
+        return k, v
+
+    def compress_layer(self, layer, cache, obs):
+        finite = jnp.isfinite(cache.k).all() & jnp.isfinite(cache.v).all()
+        if not isinstance(finite, jax.core.Tracer) and not bool(finite):
+            raise ValueError(f"cache: layer {layer}'s keys/values hold NaN or Inf; refusing to "
+                             f"compress them")
+        t = cache.k.shape[2]
+        n_max = self.n_max(layer, t)
+        raw = self.scores(cache, obs)  # [B, K, T]
+        scores = prepare_scores(raw, obs.lengths, self.window)
+        n_keep = self.n_keep(layer, obs.lengths, t)
+        keep = self.select(layer, scores, n_keep, n_max, cache, obs)
+        k, v = self.adjust(layer, cache.k, cache.v, keep, raw, cache, obs)
+        # a non-finite input poisons the output (generate then raises, see check_finite_caches)
+        k = jnp.where(finite, k, jnp.nan)
+        return SparseCache.from_selection(k, v, keep, cache.k.shape[1] * n_max,
+                                          obs.extra_capacity)
+
+
+@dataclasses.dataclass(frozen=True)
+class PyramidKV(SnapKV):
+    """PyramidKV (Cai et al. 2024): SnapKV scores, per-layer budgets that shrink linearly from the
+    first layer to the last (same mean). Outside the window, layer l keeps
+    c_l = c_max - l * (c_max - c_min) / (L - 1) with c_min = c / beta, c_max = 2c - c_min, where
+    c = budget * T - window is the mean (the reference implementation's rule)."""
+
+    num_layers: int = 1
+    beta: float = 20.0
+
+    name = "pyramidkv"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_int("num_layers", self.num_layers, 1)
+        if not self.beta >= 1.0:
+            raise ValueError(f"beta={self.beta!r}: must be >= 1")
+
+    def _fraction(self, layer: int) -> float:
+        """Layer budget outside the window as a multiple of the mean (1 on average)."""
+        if self.num_layers == 1:
+            return 1.0
+        lo = 1.0 / self.beta
+        hi = 2.0 - lo
+        return hi - layer * (hi - lo) / (self.num_layers - 1)
+
+    def n_max(self, layer: int, t: int) -> int:
+        mean = super().n_max(layer, t)
+        return min(t, self.window + int(round((mean - self.window) * self._fraction(layer))))
+
+    def n_keep(self, layer: int, lengths, t: int) -> jax.Array:
+        mean = per_row_keep(self.budget, lengths, self.window)
+        extra = jnp.round((mean - self.window) * self._fraction(layer)).astype(jnp.int32)
+        return jnp.minimum(self.window + jnp.maximum(extra, 0), lengths.astype(jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkKV(SnapKV):
+    """ChunkKV (Liu et al. 2025): keep whole chunks of `chunk_size` consecutive tokens. A chunk's
+    score is the sum of its tokens' (unpooled) window-attention scores over all KV heads of the
+    layer, so every head of a layer keeps the same chunks; the window is always kept and the last
+    chunk taken may be cut to meet the budget exactly."""
+
+    chunk_size: int = 10
+
+    name = "chunkkv"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_int("chunk_size", self.chunk_size, 1)
+
+    def scores(self, cache, obs) -> jax.Array:
+        probs = window_attention(cache, obs, self.window).mean(axis=(2, 3))  # [B, K, T]
+        b, kh, t = probs.shape
+        c = self.chunk_size
+        n = -(-t // c)
+        per_chunk = jnp.pad(probs.sum(1), [(0, 0), (0, n * c - t)]).reshape(b, n, c).sum(-1)
+        tok = jnp.repeat(per_chunk, c, axis=1)[:, :t]  # [B, T] chunk score of each token
+        # inside a chunk prefer earlier tokens (ties are broken by index anyway)
+        return jnp.broadcast_to(tok[:, None, :], (b, kh, t))
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _settings(model, window, kernel):
+    if window > model.config.max_position_embeddings:
+        raise ValueError(f"window={window}: larger than the model's context "
+                         f"max_position_embeddings={model.config.max_position_embeddings}")
+    return dict(window=window, kernel=kernel)
+
+
+@register_method("snapkv")
+def _snapkv(budget: float, model, window: int = 32, kernel: int = 5):
+    """SnapKV at `budget` of the prompt per head."""
+    return SnapKV(budget=budget, **_settings(model, window, kernel))
+
+
+@register_method("pyramidkv")
+def _pyramidkv(budget: float, model, window: int = 32, kernel: int = 5, beta: float = 20.0):
+    """PyramidKV: SnapKV with per-layer budgets shrinking with depth (mean = budget)."""
+    return PyramidKV(budget=budget, num_layers=model.config.num_layers, beta=beta,
+                     **_settings(model, window, kernel))
+
+
+@register_method("chunkkv")
+def _chunkkv(budget: float, model, window: int = 32, kernel: int = 5, chunk_size: int = 10):
+    """ChunkKV: whole chunks of `chunk_size` tokens, the same for every head of a layer."""
+    return ChunkKV(budget=budget, chunk_size=chunk_size, **_settings(model, window, kernel))
+
+
+__all__ = ["SnapKV", "PyramidKV", "ChunkKV", "snapkv_scores", "window_attention", "avg_pool",
+           "value_norms", "prepare_scores", "select_per_head", "select_headwise", "per_row_keep",
+           "window_mask"]

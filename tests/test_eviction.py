@@ -1,0 +1,219 @@
+"""SnapKV-family eviction and merging policies: budgets, hand-worked selections, window always
+kept, budget 1 reproduces the full cache, merging rules, and errors."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxkv
+from jaxkv.cache import DenseCache, SparseCache
+from jaxkv.policies.adakv import AdaKV, CriticalKV
+from jaxkv.policies.merging import cam_merge, kvmerger_merge, nearest_merge
+from jaxkv.policies.registry import make_policy
+from jaxkv.policies.snapkv import (ChunkKV, PyramidKV, SnapKV, avg_pool, prepare_scores,
+                                   select_headwise, select_per_head)
+from tests.helpers import tiny_model
+
+SPARSE_METHODS = ("snapkv", "pyramidkv", "chunkkv", "adakv", "criticalkv", "critical_adakv",
+                  "cam", "nearest_merge", "kvmerger", "grkv")
+
+
+def test_avg_pool_is_torch_avg_pool1d_with_same_padding():
+    x = jnp.asarray([[0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 10.0]])
+    # kernel 3: each output = (x[i-1] + x[i] + x[i+1]) / 3 with zeros outside
+    np.testing.assert_allclose(np.asarray(avg_pool(x, 3)),
+                               [[0, 5 / 3, 5 / 3, 5 / 3, 0, 10 / 3, 10 / 3]], rtol=1e-6)
+
+
+def test_per_head_selection_hand_worked():
+    # one sequence of length 6, window 2 (positions 4, 5 forced), keep 4 per head
+    scores = jnp.asarray([[[0.1, 0.9, 0.3, 0.8, 0.0, 0.0],
+                           [0.5, 0.1, 0.2, 0.05, 0.0, 0.0]]])
+    s = prepare_scores(scores, jnp.asarray([6]), window=2)
+    keep = np.asarray(select_per_head(s, jnp.asarray([4]), 4))
+    # head 0: window {4, 5} + top-2 of {0.1, 0.9, 0.3, 0.8} = {1, 3}
+    # head 1: window {4, 5} + top-2 of {0.5, 0.1, 0.2, 0.05} = {0, 2}
+    np.testing.assert_array_equal(keep[0, 0], [0, 1, 0, 1, 1, 1])
+    np.testing.assert_array_equal(keep[0, 1], [1, 0, 1, 0, 1, 1])
+
+
+def test_headwise_selection_hand_worked():
+    # same scores; the layer keeps 2 heads x 4 = 8 tokens; safeguard 0.5 -> each head >= 2
+    scores = jnp.asarray([[[0.1, 0.9, 0.3, 0.8, 0.0, 0.0],
+                           [0.5, 0.1, 0.2, 0.05, 0.0, 0.0]]])
+    s = prepare_scores(scores, jnp.asarray([6]), window=2)
+    keep = np.asarray(select_headwise(s, jnp.asarray([4]), 4, safeguard=0.5))
+    # forced: 4 window tokens; 4 left for the top scores over both heads (scaled by the max 0.9):
+    # 0.9 (h0 p1), 0.8 (h0 p3), 0.5 (h1 p0), 0.3 (h0 p2) -> head 0 keeps 5, head 1 keeps 3
+    np.testing.assert_array_equal(keep[0, 0], [0, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(keep[0, 1], [1, 0, 0, 0, 1, 1])
+    assert keep.sum() == 8
+
+
+def test_safeguard_gives_every_head_its_share():
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(size=(1, 4, 50)).astype(np.float32)
+    scores[0, 0] *= 100  # head 0 would take everything without the safeguard
+    s = prepare_scores(jnp.asarray(scores), jnp.asarray([50]), window=2)
+    keep = np.asarray(select_headwise(s, jnp.asarray([10]), 10, safeguard=0.2))
+    assert keep.sum() == 40
+    assert (keep.sum(-1) >= 2).all()  # floor(0.2 * 10) = 2 (here the window)
+    bare = np.asarray(select_headwise(s, jnp.asarray([10]), 10, safeguard=0.0))
+    assert bare[0, 0].sum() > keep[0, 1].sum()
+
+
+def _prefill_setup(model, lengths, t, policy):
+    """A layer-0 dense cache + observation of random prompts, as generate builds them."""
+    from jaxkv.diagnostics import layer_qkv
+    from jaxkv.model.decoder import LayerObservation
+    from jaxkv.model.layers import rope_inv_freq
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(4, model.config.vocab_size, size=(len(lengths), t)), jnp.int32)
+    q, k, v = layer_qkv(model, tokens)[0]
+    lengths = jnp.asarray(lengths, jnp.int32)
+    cache = DenseCache.from_prefill(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), lengths, t)
+    pos = policy.observation_positions(lengths, t)
+    qo = jnp.take_along_axis(q.transpose(0, 2, 1, 3), pos[:, None, :, None], axis=2)
+    obs = LayerObservation(queries=qo, query_positions=pos, lengths=lengths,
+                           o_proj=model.params["layers_0"]["self_attn"]["o_proj"]["kernel"],
+                           inv_freq=jnp.asarray(rope_inv_freq(model.config)), layer=0,
+                           extra_capacity=3, scale=model.config.head_dim ** -0.5)
+    return cache, obs
+
+
+@pytest.mark.parametrize("policy", [
+    SnapKV(budget=0.25, window=4, kernel=3),
+    AdaKV(budget=0.25, window=4, kernel=3),
+    CriticalKV(budget=0.25, window=4, kernel=3, adaptive=False),
+    CriticalKV(budget=0.25, window=4, kernel=3, adaptive=True),
+    ChunkKV(budget=0.25, window=4, chunk_size=5),
+], ids=lambda p: f"{p.name}-{getattr(p, 'adaptive', '')}")
+def test_budget_window_and_padding(policy):
+    model = tiny_model()
+    lengths, t = [64, 40], 64
+    cache, obs = _prefill_setup(model, lengths, t, policy)
+    out = policy.compress_layer(0, cache, obs)
+    assert isinstance(out, SparseCache)
+    kh = model.config.num_kv_heads
+    counts = np.asarray(out.counts())
+    # round(0.25 * 64) = 16 and round(0.25 * 40) = 10 tokens per head on average
+    np.testing.assert_array_equal(counts.sum(-1), [16 * kh, 10 * kh])
+    if not (isinstance(policy, AdaKV) and getattr(policy, "adaptive", True)):
+        np.testing.assert_array_equal(counts, [[16] * kh, [10] * kh])  # uniform budgets
+    # the arrays are the budget's size: N = K * round(0.25 * T); row 2 pads 6 * K slots
+    assert out.k.shape[1] == 16 * kh
+    np.testing.assert_array_equal(np.asarray(out.padding_slots()), [0, 6 * kh])
+    heads, pos = np.asarray(out.heads), np.asarray(out.positions)
+    for b, n in enumerate(lengths):
+        for h in range(kh):
+            kept = set(pos[b][heads[b] == h].tolist())
+            assert set(range(n - 4, n)) <= kept  # the window is always kept
+            assert max(kept) < n  # never a padding token
+
+
+def test_pyramid_budgets_shrink_with_depth_and_keep_the_mean():
+    p = PyramidKV(budget=0.25, window=4, num_layers=4)
+    sizes = [p.n_max(layer, 200) for layer in range(4)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    assert abs(np.mean(sizes) - 50) <= 1
+
+
+@pytest.mark.parametrize("method", SPARSE_METHODS)
+def test_budget_one_reproduces_the_full_cache(method):
+    if method == "pyramidkv":
+        pytest.skip("PyramidKV moves budget between layers: at budget 1 deep layers still evict")
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(4, model.config.vocab_size, size=n).tolist() for n in (70, 45)]
+    full = jaxkv.generate(model, prompts, 6)
+    got = jaxkv.generate(model, prompts, 6, policy=make_policy(method, 1.0, model, window=4))
+    assert got.tokens == full.tokens
+
+
+@pytest.mark.parametrize("method", SPARSE_METHODS)
+def test_compressed_cache_is_really_smaller(method):
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(4, model.config.vocab_size, size=128).tolist()]
+    got = jaxkv.generate(model, prompts, 4, policy=make_policy(method, 0.2, model, window=4))
+    c = model.config
+    kh, d, item = c.num_kv_heads, c.head_dim, 4  # float32
+    if method == "pyramidkv":  # per-layer budgets: sizes from the policy itself
+        policy = make_policy(method, 0.2, model, window=4)
+        slots = [policy.n_max(layer, 128) for layer in range(c.num_layers)]
+    else:
+        slots = [26] * c.num_layers  # round(0.2 * 128) of 132 slots per head
+    # kept prompt tokens (k, v + int32 head and position), 4 decode slots (k, v), int32 length
+    expected = sum(kh * n * (2 * d * item + 8) + kh * 4 * 2 * d * item + 4 for n in slots)
+    assert got.cache_bytes == expected
+    assert got.cache_bytes / got.full_cache_bytes < 0.27
+
+
+def test_cam_hand_worked():
+    # one head, 4 tokens, keep {1, 3}; token 0 (mass 0.2) and 2 (mass 0.4) are evicted.
+    v = jnp.asarray([[[[1.0], [2.0], [3.0], [4.0]]]])
+    keep = jnp.asarray([[[False, True, False, True]]])
+    mass = jnp.asarray([[[0.2, 0.2, 0.4, 0.4]]])
+    _, out = cam_merge(v, v, keep, mass, jnp.asarray([4]), neighbours=1)
+    # token 1 receives token 0: (0.2 * 2 + 0.2 * 1) / 0.4 = 1.5
+    # token 3 receives token 2: (0.4 * 4 + 0.4 * 3) / 0.8 = 3.5
+    np.testing.assert_allclose(np.asarray(out)[0, 0, :, 0], [1.0, 1.5, 3.0, 3.5], rtol=1e-6)
+
+
+def test_nearest_merge_folds_into_the_most_similar_key():
+    k = jnp.asarray([[[[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.1, 1.0]]]])
+    v = jnp.asarray([[[[10.0], [20.0], [30.0], [40.0]]]])
+    keep = jnp.asarray([[[True, True, False, False]]])
+    mass = jnp.ones((1, 1, 4))
+    _, out = nearest_merge(k, v, keep, mass, jnp.asarray([4]))
+    # token 2's key is closest to token 0's, token 3's to token 1's: equal-mass means
+    np.testing.assert_allclose(np.asarray(out)[0, 0, :2, 0], [20.0, 30.0], rtol=1e-6)
+
+
+def test_kvmerger_merges_only_similar_adjacent_keys():
+    k = jnp.asarray([[[[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [0.0, -1.0]]]])
+    v = jnp.asarray([[[[1.0], [3.0], [5.0], [7.0]]]])
+    keep = jnp.asarray([[[True, False, False, True]]])
+    k2, v2 = kvmerger_merge(k, v, keep, jnp.asarray([4]), threshold=0.5)
+    # token 1 is similar to kept token 0 (cos 0.98) -> merged with Gaussian weight
+    # exp(-d^2 / (2 sigma^2)) where sigma^2 = d^2 (its own distance): exp(-1/2)
+    w = np.exp(-0.5)
+    np.testing.assert_allclose(float(v2[0, 0, 0, 0]), (1 + w * 3) / (1 + w), rtol=1e-5)
+    # token 2 ([0, 1]) is orthogonal to both neighbours: dropped, token 3 untouched
+    np.testing.assert_allclose(float(v2[0, 0, 3, 0]), 7.0)
+    np.testing.assert_allclose(np.asarray(k2[0, 0, 3]), [0.0, -1.0])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(budget=0.0), "budget"),
+    (dict(budget=1.5), "budget"),
+    (dict(budget=float("nan")), "budget"),
+    (dict(window=0), "window"),
+    (dict(kernel=4), "kernel"),
+])
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SnapKV(**kwargs)
+
+
+def test_budget_smaller_than_the_window_is_refused():
+    model = tiny_model()
+    prompts = [list(range(4, 68))]
+    with pytest.raises(ValueError, match="budget=0.05"):
+        jaxkv.generate(model, prompts, 2, policy=make_policy("snapkv", 0.05, model, window=8))
+    with pytest.raises(ValueError, match="guard"):
+        jaxkv.generate(model, prompts, 2, policy=make_policy("grkv", 0.15, model, window=9))
+
+
+def test_nan_in_the_cache_is_an_error():
+    policy = SnapKV(budget=0.5, window=2)
+    model = tiny_model()
+    cache, obs = _prefill_setup(model, [16], 16, policy)
+    bad = cache.replace(k=cache.k.at[0, 0, 3, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match="NaN"):
+        policy.compress_layer(0, bad, obs)
+    # under jit the output is poisoned, and generate's check turns that into an error
+    from jaxkv.generate import check_finite_caches
+    import jax
+    out = jax.jit(lambda c, o: policy.compress_layer(0, c, o))(bad, obs)
+    with pytest.raises(ValueError, match="NaN"):
+        check_finite_caches([out])
