@@ -64,6 +64,9 @@ class EvalConfig:
     method_settings: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     task_settings: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     out_dir: Optional[str] = None
+    #: (method A, method B) pairs whose paired bootstrap difference A - B `paired_comparisons`
+    #: reports per task and budget and pooled over tasks (written to out_dir/paired.json).
+    pairs: Tuple[Tuple[str, str], ...] = ()
 
     def __post_init__(self):
         methods = _as_str_tuple(self.methods, "methods")
@@ -96,6 +99,12 @@ class EvalConfig:
         for name in tasks:  # unknown task or setting -> ValueError from make_task
             tasks_api.make_task(name, **task_settings.get(name, {}))
         out_dir = None if self.out_dir is None else os.fspath(self.out_dir)
+        pairs = tuple(tuple(p) for p in self.pairs)
+        for i, pair in enumerate(pairs):
+            if len(pair) != 2 or any(m not in methods for m in pair):
+                raise ValueError(f"pairs[{i}]={pair!r}: must be two of the configured methods "
+                                 f"{', '.join(methods)}")
+        object.__setattr__(self, "pairs", pairs)
         for name, value in (("methods", methods), ("tasks", tasks), ("budgets", budgets),
                             ("seed", int(self.seed)), ("method_settings", method_settings),
                             ("task_settings", task_settings), ("out_dir", out_dir)):
@@ -533,6 +542,48 @@ def plot_accuracy_vs_budget(records: Sequence[Mapping[str, Any]], path: str) -> 
             os.remove(tmp)
 
 
+PAIRED_FILE = "paired.json"
+
+
+def paired_comparisons(records: Sequence[Mapping[str, Any]], pairs, n_boot: int = 10000,
+                       seed: int = 0) -> List[dict]:
+    """Paired bootstrap of method A minus method B on the same examples, for every
+    (A, B) in `pairs`, every requested budget and every task, plus "all" (the examples of every
+    task pooled). Returns dicts {task, budget, a, b, n, acc_a, acc_b, diff, lo, hi}."""
+    by_key = {(r["task"], r["method"], r["budget"]): r for r in records if "task" in r}
+    out = []
+    for a, b in pairs:
+        budgets = sorted({k[2] for k in by_key if k[1] in (a, b)})
+        for budget in budgets:
+            pooled_a, pooled_b = [], []
+            tasks = sorted({k[0] for k in by_key if k[1] == a and k[2] == budget})
+            for task in tasks:
+                ra, rb = by_key.get((task, a, budget)), by_key.get((task, b, budget))
+                if ra is None or rb is None or len(ra["correct"]) != len(rb["correct"]):
+                    continue
+                diff, lo, hi = paired_bootstrap(ra["correct"], rb["correct"], n_boot, seed)
+                out.append(dict(task=task, budget=budget, a=a, b=b, n=len(ra["correct"]),
+                                acc_a=ra["accuracy"], acc_b=rb["accuracy"], diff=diff, lo=lo, hi=hi))
+                pooled_a += list(ra["correct"])
+                pooled_b += list(rb["correct"])
+            if pooled_a:
+                diff, lo, hi = paired_bootstrap(pooled_a, pooled_b, n_boot, seed)
+                out.append(dict(task="all", budget=budget, a=a, b=b, n=len(pooled_a),
+                                acc_a=float(np.mean(pooled_a)), acc_b=float(np.mean(pooled_b)),
+                                diff=diff, lo=lo, hi=hi))
+    return out
+
+
+def format_paired(rows: Sequence[Mapping[str, Any]]) -> str:
+    lines = [f"{'A - B':32s} {'task':18s} {'budget':>6} {'n':>5} {'acc A':>6} {'acc B':>6} "
+             f"{'diff':>7} {'95% CI':>17}"]
+    for r in rows:
+        lines.append(f"{r['a'] + ' - ' + r['b']:32s} {r['task']:18s} {r['budget']:>6} {r['n']:>5} "
+                     f"{r['acc_a']:>6.3f} {r['acc_b']:>6.3f} {r['diff']:>+7.3f} "
+                     f"[{r['lo']:+.3f}, {r['hi']:+.3f}]")
+    return "\n".join(lines)
+
+
 def write_results(records: Sequence[Mapping[str, Any]], out_dir,
                   plot_records: Optional[Sequence[Mapping[str, Any]]] = None) -> None:
     """Write out_dir/results.json (atomically: temp file + os.replace) and
@@ -548,4 +599,4 @@ def write_results(records: Sequence[Mapping[str, Any]], out_dir,
 
 __all__ = ["EvalConfig", "evaluate", "paired_bootstrap", "wilson_interval", "write_results",
            "load_results", "format_table", "family_averages", "plot_accuracy_vs_budget",
-           "record_key"]
+           "record_key", "paired_comparisons", "format_paired"]

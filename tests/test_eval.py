@@ -197,6 +197,20 @@ def test_paired_bootstrap():
         ev.paired_bootstrap([1, 0], [1, 0, 1])
 
 
+def test_paired_comparisons_per_task_and_pooled():
+    rec = lambda task, method, correct: dict(task=task, method=method, budget=0.1,
+                                             correct=correct, accuracy=float(np.mean(correct)))
+    records = [rec("t1", "a", [1, 1, 0, 1]), rec("t1", "b", [1, 0, 0, 1]),
+               rec("t2", "a", [0, 0, 1, 1]), rec("t2", "b", [0, 0, 1, 1])]
+    rows = ev.paired_comparisons(records, [("a", "b")], n_boot=200)
+    by_task = {r["task"]: r for r in rows}
+    assert by_task["t1"]["diff"] == 0.25 and by_task["t2"]["diff"] == 0.0
+    # pooled over the 8 examples of both tasks: one difference of 1 -> 1/8
+    assert by_task["all"]["n"] == 8 and by_task["all"]["diff"] == 0.125
+    assert by_task["all"]["lo"] <= 0.125 <= by_task["all"]["hi"]
+    assert "t1" in ev.format_paired(rows)
+
+
 def test_registry(model, oracle):
     assert {"full", "oracle"} <= set(registry.available_methods())
     for budget in (1.0, 0.3):
@@ -229,6 +243,7 @@ def test_registry(model, oracle):
     ({"batch_size": -1}, "batch_size"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
     ({"method_settings": {"snapkv": {}}}, "method_settings"),
+    ({"pairs": (("full", "snapkv"),)}, "pairs\\[0\\]"),
 ])
 def test_config_validation(changes, match):
     kw = dict(methods=("full",), budgets=(0.5,), tasks=("running_sum",))

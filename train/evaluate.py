@@ -19,5 +19,12 @@ def run_eval(config_spec: str, out_dir: str, model_path: Optional[str] = None,
     model = load_embedded(model_path)
     records = evaluate(model, config, progress=progress)
     print(format_table(records))
+    if config.pairs:
+        import os
+        from jaxkv.eval import PAIRED_FILE, _write_json_atomic, format_paired, paired_comparisons
+        rows = paired_comparisons(records, config.pairs)
+        print(format_paired(rows))
+        _write_json_atomic(rows, os.path.join(out_dir, PAIRED_FILE))
+        print(f"wrote {out_dir}/{PAIRED_FILE}")
     print(f"wrote {out_dir}/results.json and {out_dir}/accuracy_vs_budget.png")
     return records

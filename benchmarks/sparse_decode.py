@@ -1,0 +1,172 @@
+"""Sparse (per-head ragged) cache against the dense cache: bytes, decode time at long context, and
+the compression overhead (scores + GRKV solve) relative to prefill.
+
+  python benchmarks/sparse_decode.py                       # contexts 8192 16384, budgets 0.1 0.2
+  python benchmarks/sparse_decode.py --contexts 8192 32768 --overhead-context 4096
+
+Model: random Llama-style weights (ModelConfig below; --layers/--hidden/--heads/--kv-heads/
+--head-dim). Decode: caches of the given context are built directly (random keys/values; a
+random head-wise selection of budget * T tokens per head for the sparse cache, every head a
+different count) because the layout, not the content, sets the decode cost; then the jitted
+model decode step (all layers: append + attention + MLP) is timed over --steps tokens, median of
+--repeats, compilation excluded. Overhead: jitted prefill of a --overhead-context prompt with no
+policy against prefill with SnapKV / Critical-AdaKV / GRKV compressing each layer; overhead =
+(t_policy - t_dense) / t_dense. Prints a table and writes JSON (--out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkv.cache import DenseCache, SparseCache
+from jaxkv.model import ModelConfig
+from jaxkv.model.decoder import Decoder, init_params
+from jaxkv.policies.registry import make_policy
+
+
+def _timed(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # warm-up (compilation)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _config(args, context: int) -> ModelConfig:
+    return ModelConfig(vocab_size=1024, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                       num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
+                       head_dim=args.head_dim, max_position_embeddings=context + 1024,
+                       architecture="LlamaForCausalLM", dtype=args.dtype)
+
+
+def _caches(cfg, context, budget, steps, rng):
+    """(dense caches, sparse caches) for every layer, batch 1."""
+    kh, d = cfg.num_kv_heads, cfg.head_dim
+    dtype = cfg.jnp_dtype
+    dense, sparse = [], []
+    n = int(round(budget * context))
+    for _ in range(cfg.num_layers):
+        k = jnp.asarray(rng.normal(size=(1, kh, context, d)), dtype)
+        v = jnp.asarray(rng.normal(size=(1, kh, context, d)), dtype)
+        lengths = jnp.asarray([context], jnp.int32)
+        dense.append(DenseCache.from_prefill(k, v, lengths, context + steps))
+        # head-wise budgets: head h keeps a share proportional to a random weight (sum = K * n)
+        share = rng.dirichlet(np.ones(kh)) * 0.8 + 0.2 / kh
+        counts = np.floor(share * kh * n).astype(int)
+        counts[0] += kh * n - counts.sum()
+        keep = np.zeros((1, kh, context), bool)
+        for h in range(kh):
+            keep[0, h, rng.choice(context, size=min(counts[h], context), replace=False)] = True
+        sparse.append(SparseCache.from_selection(k, v, jnp.asarray(keep), int(keep.sum()), steps))
+    return tuple(dense), tuple(sparse)
+
+
+def decode_time(cfg, params, caches, steps, repeats):
+    module = Decoder(cfg)
+
+    @jax.jit
+    def run(params, caches):
+        def body(i, state):
+            tok, caches = state
+            logits, caches = module.apply({"params": params}, tok, jnp.full((1,), i, jnp.int32),
+                                          caches, method=Decoder.decode)
+            return jnp.argmax(logits, -1).astype(jnp.int32), caches
+        return jax.lax.fori_loop(0, steps, body, (jnp.zeros((1,), jnp.int32), caches))[0]
+    return _timed(lambda: run(params, caches), repeats) / steps
+
+
+def overhead(args, methods):
+    cfg = _config(args, args.overhead_context)
+    params = init_params(cfg, 0)
+    module = Decoder(cfg)
+    rng = np.random.default_rng(0)
+    t = args.overhead_context
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(1, t)), jnp.int32)
+    lengths = jnp.asarray([t], jnp.int32)
+
+    def prefill_fn(policy):
+        @jax.jit
+        def run(params, tokens, lengths):
+            qp = None if policy is None else policy.observation_positions(lengths, t)
+            return module.apply({"params": params}, tokens, lengths, t + 8, policy, qp,
+                                method=Decoder.prefill)
+        return run
+
+    class _M:  # what make_policy needs of a model
+        config = cfg
+    dense_fn = prefill_fn(None)
+    base = _timed(lambda: dense_fn(params, tokens, lengths), args.repeats)
+    out = {"prefill_s": base}
+    for m in methods:
+        policy = make_policy(m, 0.1, _M, window=args.window)
+        fn = prefill_fn(policy)
+        tm = _timed(lambda: fn(params, tokens, lengths), args.repeats)
+        out[m] = {"prefill_with_policy_s": tm, "overhead": (tm - base) / base}
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--overhead-context", type=int, default=4096)
+    ap.add_argument("--no-overhead", action="store_true")
+    ap.add_argument("--out", default="runs/sparse_decode.json")
+    args = ap.parse_args(argv)
+    rng = np.random.default_rng(0)
+    rows = []
+    for context in args.contexts:
+        cfg = _config(args, context)
+        params = init_params(cfg, 0)
+        for budget in args.budgets:
+            dense, sparse = _caches(cfg, context, budget, args.steps, rng)
+            td = decode_time(cfg, params, dense, args.steps, args.repeats)
+            ts = decode_time(cfg, params, sparse, args.steps, args.repeats)
+            db = sum(c.nbytes() for c in dense)
+            sb = sum(c.nbytes() for c in sparse)
+            pad = sum(int(c.padding_slots().sum()) for c in sparse)
+            rows.append(dict(context=context, budget=budget, dense_ms=td * 1e3, sparse_ms=ts * 1e3,
+                             speedup=td / ts, dense_bytes=db, sparse_bytes=sb,
+                             bytes_ratio=sb / db, padding_slots=pad))
+            del dense, sparse
+    result = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+              "args": vars(args), "decode": rows}
+    if not args.no_overhead:
+        result["overhead"] = overhead(args, ("snapkv", "critical_adakv", "grkv"))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"decode step (all {args.layers} layers, batch 1) on {result['platform']}")
+    print(f"{'context':>8} {'budget':>6} {'dense ms':>9} {'sparse ms':>9} {'speedup':>7} "
+          f"{'bytes ratio':>11} {'padding':>7}")
+    for r in rows:
+        print(f"{r['context']:>8} {r['budget']:>6} {r['dense_ms']:>9.3f} {r['sparse_ms']:>9.3f} "
+              f"{r['speedup']:>7.2f} {r['bytes_ratio']:>11.4f} {r['padding_slots']:>7}")
+    if "overhead" in result:
+        o = result["overhead"]
+        print(f"compression overhead at {args.overhead_context} tokens (prefill {o['prefill_s']:.3f} s):")
+        for m in ("snapkv", "critical_adakv", "grkv"):
+            print(f"  {m:16s} {o[m]['overhead']:.3f}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
