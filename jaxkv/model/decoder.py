@@ -193,7 +193,10 @@ class Decoder(nn.Module):
         for layer, cache in zip(self.layers, caches):
             q, k, v = layer.qkv(x, positions[:, None])
             cache = cache.append(k[:, 0], v[:, 0])  # [B, K, D]
-            attn = cache.attend(q[:, 0], self.scale)  # [B, H, D]
+            if hasattr(cache, "attend_and_update"):  # caches that learn from queries (H2O)
+                attn, cache = cache.attend_and_update(q[:, 0], self.scale)
+            else:
+                attn = cache.attend(q[:, 0], self.scale)  # [B, H, D]
             new_caches.append(cache)
             x = layer.finish(x, attn[:, None])
         return self._logits(x[:, 0]), tuple(new_caches)

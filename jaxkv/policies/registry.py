@@ -35,6 +35,8 @@ _PLUGIN_MODULES: Tuple[str, ...] = (
     "jaxkv.policies.adakv",  # also "criticalkv", "critical_adakv"
     "jaxkv.policies.merging",  # "cam", "nearest_merge", "kvmerger"
     "jaxkv.policies.grkv",
+    "jaxkv.policies.h2o",
+    "jaxkv.policies.rkv",
 )
 _plugins_loaded = False
 
