@@ -396,6 +396,19 @@ def _random_heads(budget: float, model, seed: int = 0, sink: int = 16, window: i
                              sink, window, prompt_len, "random_heads")
 
 
+def _random_heads_seed(seed: int):
+    def factory(budget: float, model, sink: int = 16, window: int = 64,
+                prompt_len: Optional[int] = None):
+        return _random_heads(budget, model, seed=seed, sink=sink, window=window,
+                             prompt_len=prompt_len)
+    factory.__doc__ = f"random_heads with seed {seed} (for the mean and spread over seeds)"
+    return factory
+
+
+for _seed in (1, 2):  # "random_heads" itself is seed 0
+    register_method(f"random_heads_{_seed}", _random_heads_seed(_seed))
+
+
 __all__ = ["RLKV", "check_gates", "save_gates", "load_gates", "plot_gates", "random_gates",
            "select_heads", "sparsity_for_budget", "num_streaming", "check_sparsity",
            "policy_for_budget"]
