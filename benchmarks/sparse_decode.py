@@ -18,34 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxkv.cache import DenseCache, SparseCache
-from jaxkv.model import ModelConfig
 from jaxkv.model.decoder import Decoder, init_params
 from jaxkv.policies.registry import make_policy
 
-
-def _timed(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # warm-up (compilation)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _config(args, context: int) -> ModelConfig:
-    return ModelConfig(vocab_size=1024, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                       num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
-                       head_dim=args.head_dim, max_position_embeddings=context + 1024,
-                       architecture="LlamaForCausalLM", dtype=args.dtype)
+from common import bench_config, decode_time, timed  # benchmarks/common.py
 
 
 def _caches(cfg, context, budget, steps, rng):
@@ -70,22 +52,8 @@ def _caches(cfg, context, budget, steps, rng):
     return tuple(dense), tuple(sparse)
 
 
-def decode_time(cfg, params, caches, steps, repeats):
-    module = Decoder(cfg)
-
-    @jax.jit
-    def run(params, caches):
-        def body(i, state):
-            tok, caches = state
-            logits, caches = module.apply({"params": params}, tok, jnp.full((1,), i, jnp.int32),
-                                          caches, method=Decoder.decode)
-            return jnp.argmax(logits, -1).astype(jnp.int32), caches
-        return jax.lax.fori_loop(0, steps, body, (jnp.zeros((1,), jnp.int32), caches))[0]
-    return _timed(lambda: run(params, caches), repeats) / steps
-
-
 def overhead(args, methods):
-    cfg = _config(args, args.overhead_context)
+    cfg = bench_config(args, args.overhead_context)
     params = init_params(cfg, 0)
     module = Decoder(cfg)
     rng = np.random.default_rng(0)
@@ -104,12 +72,12 @@ def overhead(args, methods):
     class _M:  # what make_policy needs of a model
         config = cfg
     dense_fn = prefill_fn(None)
-    base = _timed(lambda: dense_fn(params, tokens, lengths), args.repeats)
+    base = timed(lambda: dense_fn(params, tokens, lengths), args.repeats)
     out = {"prefill_s": base}
     for m in methods:
         policy = make_policy(m, 0.1, _M, window=args.window)
         fn = prefill_fn(policy)
-        tm = _timed(lambda: fn(params, tokens, lengths), args.repeats)
+        tm = timed(lambda: fn(params, tokens, lengths), args.repeats)
         out[m] = {"prefill_with_policy_s": tm, "overhead": (tm - base) / base}
     return out
 
@@ -134,12 +102,12 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     rows = []
     for context in args.contexts:
-        cfg = _config(args, context)
+        cfg = bench_config(args, context)
         params = init_params(cfg, 0)
         for budget in args.budgets:
             dense, sparse = _caches(cfg, context, budget, args.steps, rng)
-            td = decode_time(cfg, params, dense, args.steps, args.repeats)
-            ts = decode_time(cfg, params, sparse, args.steps, args.repeats)
+            td = decode_time(cfg, params, dense, args.steps, args.repeats, context)
+            ts = decode_time(cfg, params, sparse, args.steps, args.repeats, context)
             db = sum(c.nbytes() for c in dense)
             sb = sum(c.nbytes() for c in sparse)
             pad = sum(int(c.padding_slots().sum()) for c in sparse)
