@@ -25,3 +25,25 @@ def sparse_decode_attention(q, k, v, heads, new_k, new_v, new_lengths, *, scale:
     [B, K, E, D] + new_lengths [B] -> [B, H, D]. See pallas_kernels.sparse_decode."""
     from pallas_kernels.sparse_decode import sparse_decode_attention_reference
     return sparse_decode_attention_reference(q, k, v, heads, new_k, new_v, new_lengths, scale)
+
+
+def mixed_decode_attention(q, arena, counts, k_channels, k_counts, k_scale, k_zero, whole_k,
+                           whole_v, whole_lengths, *, scale: float, k_row_bytes: int):
+    """q: [B, H, D]; RDKV's mixed-precision layer (byte arena of token records grouped by V bit
+    width, per-channel K scales in rank order, a whole zone in the cache dtype) -> [B, H, D].
+    See pallas_kernels.mixed_decode."""
+    from pallas_kernels.mixed_decode import mixed_decode_attention_reference
+    return mixed_decode_attention_reference(q, arena, counts, k_channels, k_counts, k_scale,
+                                            k_zero, whole_k, whole_v, whole_lengths, scale=scale,
+                                            k_row_bytes=k_row_bytes)
+
+
+def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, q_lengths,
+                               whole_k, whole_v, whole_lengths, *, scale: float, k_bits: int,
+                               v_bits: int, k_group_tokens: int):
+    """q: [B, H, D]; a uniformly quantised layer (KIVI, int8, SnapKV + KIVI) plus a whole zone
+    -> [B, H, D]. See pallas_kernels.quantized_decode."""
+    from pallas_kernels.quantized_decode import quantized_decode_attention_reference
+    return quantized_decode_attention_reference(
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, q_lengths, whole_k, whole_v,
+        whole_lengths, scale=scale, k_bits=k_bits, v_bits=v_bits, k_group_tokens=k_group_tokens)

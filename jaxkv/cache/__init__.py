@@ -2,5 +2,8 @@
 from jaxkv.cache.base import LayerCache, array_nbytes, batched_write, cache_nbytes
 from jaxkv.cache.dense import DenseCache
 from jaxkv.cache.sparse import SparseCache
+from jaxkv.cache.mixed import MixedCache
+from jaxkv.cache.quantized import QuantizedCache
 
-__all__ = ["LayerCache", "DenseCache", "SparseCache", "array_nbytes", "batched_write", "cache_nbytes"]
+__all__ = ["LayerCache", "DenseCache", "SparseCache", "MixedCache", "QuantizedCache",
+           "array_nbytes", "batched_write", "cache_nbytes"]

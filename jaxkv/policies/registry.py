@@ -35,6 +35,7 @@ _PLUGIN_MODULES: Tuple[str, ...] = (
     "jaxkv.policies.adakv",  # also "criticalkv", "critical_adakv"
     "jaxkv.policies.merging",  # "cam", "nearest_merge", "kvmerger"
     "jaxkv.policies.grkv",
+    "jaxkv.policies.rdkv", "jaxkv.policies.kivi",  # "rdkv"; "kivi2/4", "int8", "snapkv_kivi4"
     "jaxkv.policies.h2o",
     "jaxkv.policies.rkv",
 )

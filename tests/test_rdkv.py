@@ -1,0 +1,178 @@
+"""RDKV: the byte budget is met per layer and never exceeded, the window is kept whole, more
+budget gives lower attention-output error, a generous budget reproduces full-cache greedy
+decoding, calibration files are tied to their model, and bad settings are refused."""
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxkv
+from jaxkv.cache import DenseCache, MixedCache
+from jaxkv.model.decoder import LayerObservation
+from jaxkv.policies.rdkv import (DEFAULT_EPS, RDKV, calibrate_model, model_fingerprint,
+                                 save_calibration)
+from jaxkv.policies.registry import make_policy
+from pallas_kernels.dense_decode import NEG_INF
+from tests.helpers import random_params, tiny_model
+
+B, KH, H, T, D, WIN = 2, 2, 8, 96, 8, 4
+SCALE = D ** -0.5
+
+
+def _layer(seed=0):
+    """A dense prefill layer with peaky attention: a few 'heavy' keys point along the queries."""
+    rng = np.random.default_rng(seed)
+    lengths = jnp.asarray([T, 61], jnp.int32)
+    q = rng.normal(size=(B, H, T, D)).astype(np.float32)
+    k = rng.normal(size=(B, KH, T, D)).astype(np.float32) * np.array([3, 2, 1, 1, .5, .5, .3, .2])
+    heavy = rng.uniform(size=(B, KH, T)) < 0.15
+    k += heavy[..., None] * 2.0 * q.reshape(B, KH, H // KH, T, D).mean((2, 3))[:, :, None, :]
+    v = rng.normal(size=(B, KH, T, D)).astype(np.float32)
+    cache = DenseCache.from_prefill(jnp.asarray(k), jnp.asarray(v), lengths, T)
+    pos = RDKV(window=WIN).observation_positions(lengths, T)
+    qo = jnp.take_along_axis(jnp.asarray(q), pos[:, None, :, None], axis=2)
+    obs = LayerObservation(queries=qo, query_positions=pos, lengths=lengths,
+                           o_proj=jnp.zeros((H * D, 16)), inv_freq=jnp.zeros(D // 2), layer=0,
+                           extra_capacity=2, scale=SCALE)
+    held_out = jnp.asarray(rng.normal(size=(B, H, D)).astype(np.float32)) + jnp.asarray(q[:, :, -1])
+    return cache, obs, held_out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _compress(policy, cache, obs):
+    return policy.compress_layer(0, cache, obs)
+
+
+@jax.jit
+def _attend(cache, q):
+    return cache.attend(q, SCALE)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _bits_and_weights(policy, out, cache, obs):
+    return out.token_bits(T), policy.token_weights(cache, obs)
+
+
+def _full_attention(cache, q):
+    k, v = cache.k, cache.v
+    qg = q.reshape(B, KH, H // KH, D)
+    s = jnp.einsum("BKGD,BKSD->BKGS", qg, k) * SCALE
+    valid = jnp.arange(T)[None, :] < cache.lengths[:, None]
+    s = jnp.where(valid[:, None, None, :], s, NEG_INF)
+    return jnp.einsum("BKGS,BKSD->BKGD", jax.nn.softmax(s, -1), v).reshape(B, H, D)
+
+
+def test_budget_is_met_per_layer_and_more_budget_lowers_the_error():
+    cache, obs, q = _layer()
+    full = _full_attention(cache, q)
+    dense_prompt = KH * T * 2 * D * 4 + 4  # bytes per sequence of the dense prompt cache
+    errors = []
+    for budget in (0.15, 0.3, 0.6):
+        policy = RDKV(budget=budget, window=WIN, kernel=3)
+        out = _compress(policy, cache, obs)
+        assert isinstance(out, MixedCache)
+        # the arrays are the budget's size: prompt part (all but the E decode slots) of a
+        # sequence <= budget x its dense prompt cache, within one byte per head of rounding
+        decode_slots = 2 * B * KH * obs.extra_capacity * D * 4
+        prompt_part = (out.nbytes() - decode_slots) / B
+        assert budget * dense_prompt - KH <= prompt_part <= budget * dense_prompt
+        # per sequence and head the records never exceed that sequence's share, and the
+        # allocation uses the budget (the fill step leaves less than one upgrade unused)
+        used = np.asarray(out.used_bytes())  # [B, K]
+        fixed = policy.fixed_bytes_per_sequence(KH, D, 4)
+        for b, n in enumerate(np.asarray(obs.lengths)):
+            share = (np.floor(budget * (KH * n * 2 * D * 4 + 4)) - fixed) // KH
+            assert (used[b] <= share).all()
+            rec = out.record_sizes()
+            assert (used[b] >= share - (max(rec) - min(rec)) - min(rec)).all() or \
+                (np.asarray(out.counts)[b].sum(-1) == n - WIN).all()  # or everything kept
+        # the window is kept whole; heavier tokens get more bits than evicted ones
+        bits, w = map(np.asarray, _bits_and_weights(policy, out, cache, obs))
+        for b, n in enumerate(np.asarray(obs.lengths)):
+            assert (bits[b, :, n - WIN:n] == 16).all() and (bits[b, :, n:] == 0).all()
+            for h in range(KH):
+                kept, gone = bits[b, h, :n - WIN] > 0, bits[b, h, :n - WIN] == 0
+                if kept.any() and gone.any():
+                    assert w[b, h, :n - WIN][kept].mean() > w[b, h, :n - WIN][gone].mean()
+        got = _attend(out, q)
+        errors.append(float(jnp.linalg.norm(got - full) / jnp.linalg.norm(full)))
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < 0.1, errors  # K at 4 bits per channel on average
+
+
+def _prompts(model):
+    rng = np.random.default_rng(0)
+    return [rng.integers(4, model.config.vocab_size, size=n).tolist() for n in (70, 45)]
+
+
+def test_generous_budget_reproduces_full_cache_greedy_tokens():
+    model = tiny_model()
+    prompts = _prompts(model)
+    full = jaxkv.generate(model, prompts, 6)
+    # budget 1, 8 K bits per channel: every token fits, V whole, K at 8 bits per channel
+    got = jaxkv.generate(model, prompts, 6, policy=make_policy("rdkv", 1.0, model, window=4,
+                                                               k_bits=8))
+    assert got.tokens == full.tokens
+    assert got.cache_bytes <= full.full_cache_bytes
+
+
+def test_calibration_file_is_tied_to_its_model(tmp_path):
+    model = tiny_model()
+    prompts = [p[:40] for p in _prompts(model)]  # one length: one compilation
+    eps = calibrate_model(model, prompts)
+    for name in ("k", "v"):  # more bits, less distortion, roughly 4x per extra bit
+        assert 1 > eps[name][2] > eps[name][4] > eps[name][8] > 0
+        assert eps[name][2] / eps[name][4] > 4
+    path = tmp_path / "rdkv_eps.json"
+    save_calibration(model, prompts[:1], path)
+    doc = json.loads(path.read_text())
+    assert doc["model_fingerprint"] == model_fingerprint(model)
+    policy = make_policy("rdkv", 0.3, model, window=4, eps_path=str(path))
+    assert policy.eps_table["v"][2] == pytest.approx(doc["eps"]["v"]["2"])
+    # beside the model: picked up without naming it
+    model.path = str(tmp_path)
+    assert make_policy("rdkv", 0.3, model, window=4).eps == policy.eps
+    other = dataclasses.replace(model, params=random_params(model.config, seed=1))  # new weights
+    assert model_fingerprint(other) != model_fingerprint(model)
+    with pytest.raises(ValueError, match="calibrated for model_fingerprint"):
+        make_policy("rdkv", 0.3, other, window=4, eps_path=str(path))
+
+
+def test_default_eps_is_the_published_table():
+    assert RDKV().eps_table == DEFAULT_EPS
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(budget=0.0), "budget"),
+    (dict(budget=1.5), "budget"),
+    (dict(budget=float("nan")), "budget"),
+    (dict(bit_widths=(0, 3, 16)), r"bit width must be one of \{0, 2, 4, 8, 16\}"),
+    (dict(bit_widths=(2, 4, 8)), "must contain 0"),
+    (dict(k_bits=9), "k_bits"),
+    (dict(k_bits=0), "k_bits"),
+    (dict(kernel=4), "kernel"),
+    (dict(window=0), "window"),
+    (dict(eps={"k": {2: 0.1, 4: 0.01, 8: 1e-4}, "v": {3: 0.1}}), r"\{0, 2, 4, 8, 16\}"),
+    (dict(eps={"k": {2: 0.1, 4: 0.01, 8: 1e-4}, "v": {2: 0.1}}), "bits=4"),
+])
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RDKV(**kwargs)
+
+
+def test_bad_factory_settings_and_a_budget_below_the_window(tmp_path):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="budget"):
+        make_policy("rdkv", 0.0, model)
+    with pytest.raises(ValueError, match="one of them"):
+        make_policy("rdkv", 0.5, model, eps=DEFAULT_EPS, eps_path=str(tmp_path / "x.json"))
+    with pytest.raises(FileNotFoundError):
+        make_policy("rdkv", 0.5, model, eps_path=str(tmp_path / "missing.json"))
+    # 1% of a 64-token prompt cannot even hold the 4-token window
+    with pytest.raises(ValueError, match="window=4"):
+        jaxkv.generate(model, [list(range(4, 68))], 2, policy=make_policy("rdkv", 0.01, model,
+                                                                          window=4))
