@@ -25,8 +25,11 @@ from jaxkv.eval import EvalConfig
 
 REASONING = tuple(t for t in EVAL_TASKS if t.name in ("running_sum", "var_chain"))
 SINK, WINDOW = 4, 16  # the streaming heads of configs/rlkv/tiny.py and configs/duo/tiny.py
-GATES = {"rlkv": os.path.join(ASSET_DIR, "gates_rlkv.json"),
-         "duo": os.path.join(ASSET_DIR, "gates_duo.json")}
+# Gate files: beside the embedded model, or in $JAXKV_GATE_DIR when evaluating another model
+# (e.g. runs/tiny_reasoning/model with gates trained on it).
+GATE_DIR = os.environ.get("JAXKV_GATE_DIR", ASSET_DIR)
+GATES = {"rlkv": os.path.join(GATE_DIR, "gates_rlkv.json"),
+         "duo": os.path.join(GATE_DIR, "gates_duo.json")}
 HEAD_METHODS = tuple(m for m in ("rlkv", "duo") if os.path.exists(GATES[m])) + (
     "random_heads", "random_heads_1", "random_heads_2")
 METHODS = ("full",) + HEAD_METHODS + ("streaming", "h2o", "rkv")
