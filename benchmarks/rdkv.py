@@ -1,0 +1,110 @@
+"""RDKV: peak memory of layer-by-layer compressed prefill against dense prefill, and decode time
+over the mixed-precision cache against the dense cache.
+
+  python benchmarks/rdkv.py                                 # context 8192, budgets 0.05 0.1
+  python benchmarks/rdkv.py --context 16384 --budgets 0.025 0.05 0.25 --dtype bfloat16
+
+Model: random Llama-style weights (benchmarks/common.py). Memory: XLA's own accounting of the
+compiled prefill (`compiled.memory_analysis()`: arguments excluded; outputs = the caches of every
+layer plus logits; temp = the peak of intermediate buffers) with no policy (dense caches of all
+layers are outputs) and with RDKV compressing each layer as soon as it is done. Decode: the
+caches a real prefill produced, then --steps jitted decode steps (all layers), median of
+--repeats. The eps table is the published default (this benchmark measures memory and speed).
+Prints a table and writes JSON (--out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common import bench_config, decode_time  # benchmarks/common.py
+from jaxkv.cache import cache_nbytes
+from jaxkv.model.decoder import Decoder, init_params
+from jaxkv.policies.rdkv import RDKV
+
+
+def prefill_fn(cfg, t, extra, policy):
+    module = Decoder(cfg)
+
+    def run(params, tokens, lengths):
+        qp = None if policy is None else policy.observation_positions(lengths, t)
+        return module.apply({"params": params}, tokens, lengths, t + extra, policy, qp,
+                            method=Decoder.prefill)
+    return jax.jit(run)
+
+
+def memory(fn, *args):
+    m = fn.lower(*args).compile().memory_analysis()
+    if m is None:
+        return None
+    return dict(output_bytes=int(m.output_size_in_bytes), temp_bytes=int(m.temp_size_in_bytes),
+                peak_bytes=int(m.output_size_in_bytes + m.temp_size_in_bytes))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1])
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="runs/rdkv_bench.json")
+    args = ap.parse_args(argv)
+    t = args.context
+    cfg = bench_config(args, t)
+    params = init_params(cfg, 0)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(1, t)), jnp.int32)
+    lengths = jnp.asarray([t], jnp.int32)
+    dense_fn = prefill_fn(cfg, t, args.steps, None)
+    rows = []
+    dense_mem = memory(dense_fn, params, tokens, lengths)
+    _, dense_caches = dense_fn(params, tokens, lengths)
+    td = decode_time(cfg, params, dense_caches, args.steps, args.repeats, t)
+    dense_bytes = cache_nbytes(dense_caches)
+    del dense_caches
+    for b in args.budgets:
+        policy = RDKV(budget=b, window=args.window)
+        fn = prefill_fn(cfg, t, args.steps, policy)
+        mem = memory(fn, params, tokens, lengths)
+        _, caches = fn(params, tokens, lengths)
+        tm = decode_time(cfg, params, caches, args.steps, args.repeats, t)
+        rows.append(dict(budget=b, cache_bytes=cache_nbytes(caches), dense_cache_bytes=dense_bytes,
+                         prefill_memory=mem, dense_prefill_memory=dense_mem,
+                         dense_decode_ms=td * 1e3, rdkv_decode_ms=tm * 1e3, speedup=td / tm))
+        del caches
+    result = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+              "args": vars(args), "rows": rows}
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    mb = lambda x: f"{x / 2**20:.1f}"
+    print(f"RDKV at {t} tokens, {args.layers} layers, {args.dtype}, on {result['platform']}")
+    if dense_mem:
+        print(f"dense prefill: peak {mb(dense_mem['peak_bytes'])} MiB "
+              f"(outputs {mb(dense_mem['output_bytes'])}, temp {mb(dense_mem['temp_bytes'])})")
+    print(f"{'budget':>7} {'cache ratio':>11} {'peak MiB':>9} {'peak ratio':>10} "
+          f"{'dense ms':>9} {'rdkv ms':>8} {'speedup':>7}")
+    for r in rows:
+        m = r["prefill_memory"]
+        peak = m["peak_bytes"] if m else float("nan")
+        ratio = peak / dense_mem["peak_bytes"] if m and dense_mem else float("nan")
+        print(f"{r['budget']:>7} {r['cache_bytes'] / r['dense_cache_bytes']:>11.4f} "
+              f"{mb(peak):>9} {ratio:>10.3f} {r['dense_decode_ms']:>9.3f} "
+              f"{r['rdkv_decode_ms']:>8.3f} {r['speedup']:>7.2f}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
