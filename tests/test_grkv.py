@@ -14,6 +14,10 @@ from jaxkv.policies.grkv import (GRKV, reference_positions, ridge_adjust_head, r
 from jaxkv.policies.merging import CaM, KVMerger, NearestMerge
 from tests.helpers import tiny_config
 
+# one compilation for every instance of the same shapes (eager op-by-op dispatch is slow)
+_ridge = jax.jit(ridge_adjust_head, static_argnames=("scale", "lam", "v_cap", "k_cap", "cg_iters",
+                                                     "cg_tol"))
+
 
 @pytest.mark.parametrize("seed", range(5))
 def test_value_step_equals_a_dense_primal_solve(seed):
@@ -52,8 +56,8 @@ def test_safeguard_is_never_worse_than_no_update(seed, caps):
     rng = np.random.default_rng(seed)
     q, y, k0, v0, keep, mutable = _random_head(rng)
     sw = jnp.full((q.shape[0],), np.sqrt(6 / 32), jnp.float32)
-    k, v, objs, choice = ridge_adjust_head(q, y, sw, k0, v0, keep, mutable, scale=0.35, lam=0.01,
-                                           v_cap=caps[0], k_cap=caps[1], cg_iters=16, cg_tol=1e-6)
+    k, v, objs, choice = _ridge(q, y, sw, k0, v0, keep, mutable, scale=0.35, lam=0.01,
+                                v_cap=caps[0], k_cap=caps[1], cg_iters=16, cg_tol=1e-6)
     objs = np.asarray(objs)
     assert objs[int(choice)] <= objs[0] + 1e-7
     assert objs[int(choice)] == objs.min()
@@ -75,9 +79,8 @@ def test_the_ridge_round_lowers_the_reference_error():
     for _ in range(8):
         q, y, k0, v0, keep, mutable = _random_head(rng)
         sw = jnp.ones((q.shape[0],), jnp.float32)
-        _, _, objs, choice = ridge_adjust_head(q, y, sw, k0, v0, keep, mutable, scale=0.35,
-                                               lam=0.01, v_cap=0.1, k_cap=0.025, cg_iters=16,
-                                               cg_tol=1e-6)
+        _, _, objs, choice = _ridge(q, y, sw, k0, v0, keep, mutable, scale=0.35, lam=0.01,
+                                    v_cap=0.1, k_cap=0.025, cg_iters=16, cg_tol=1e-6)
         improved += int(choice) > 0 and float(objs[int(choice)]) < float(objs[0])
     assert improved == 8  # a cache that drops 60% of the tokens can always be improved
 
