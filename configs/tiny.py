@@ -78,7 +78,8 @@ CONFIG = PretrainConfig(
 #                    papers' 32 would exceed a 10-20% budget of a 224-token prompt
 #   sink 4, window 16 for head-level methods (RLKV, DuoAttention, random heads, StreamingLLM),
 #                    the streaming heads the gates are trained with (configs/rlkv/tiny.py)
-#   window 16:       recent tokens H2O / R-KV always keep
+#   window 8, buffer 8: recent tokens H2O / R-KV always keep, and R-KV's decoding buffer (the
+#                    papers' 128-token buffer and large windows do not fit a 25% budget of ~190 slots)
 HEAD_LEVEL = ("rlkv", "duo", "random_heads", "random_heads_1", "random_heads_2")
 DECODE_EVICTION = ("h2o", "rkv")
 
@@ -90,7 +91,7 @@ def method_settings(method: str, factory) -> dict:
     if method in HEAD_LEVEL or method == "streaming":
         wanted = {"sink": 4, "window": 16}
     elif method in DECODE_EVICTION:
-        wanted = {"window": 16}
+        wanted = {"window": 8, "buffer": 8}
     else:
         wanted = {"window": 8}
     return {k: v for k, v in wanted.items() if k in params}
