@@ -22,6 +22,18 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def add_model_args(ap, kv_heads: int = 4) -> None:
+    """The random model's shape: --layers --hidden --heads --kv-heads --head-dim --dtype."""
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=kv_heads)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--steps", type=int, default=32, help="decode steps timed")
+    ap.add_argument("--repeats", type=int, default=3)
+
+
 def bench_config(args, context: int) -> ModelConfig:
     """Random Llama-style model from --layers/--hidden/--heads/--kv-heads/--head-dim/--dtype."""
     return ModelConfig(vocab_size=1024, hidden_size=args.hidden, intermediate_size=2 * args.hidden,

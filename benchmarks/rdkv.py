@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import bench_config, decode_time  # benchmarks/common.py
+from common import add_model_args, bench_config, decode_time  # benchmarks/common.py
 from jaxkv.cache import cache_nbytes
 from jaxkv.model.decoder import Decoder, init_params
 from jaxkv.policies.rdkv import RDKV
@@ -51,14 +51,7 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1])
     ap.add_argument("--window", type=int, default=32)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    add_model_args(ap)
     ap.add_argument("--out", default="runs/rdkv_bench.json")
     args = ap.parse_args(argv)
     t = args.context

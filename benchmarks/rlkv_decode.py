@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import bench_config, decode_time  # benchmarks/common.py
+from common import add_model_args, bench_config, decode_time  # benchmarks/common.py
 from jaxkv.cache import DenseCache
 from jaxkv.cache.headsplit import HeadSplitCache
 from jaxkv.model.decoder import init_params
@@ -52,14 +52,7 @@ def main(argv=None):
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.6])
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--window", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    add_model_args(ap)
     ap.add_argument("--out", default="runs/rlkv_decode.json")
     args = ap.parse_args(argv)
     rows = []

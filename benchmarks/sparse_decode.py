@@ -27,7 +27,7 @@ from jaxkv.cache import DenseCache, SparseCache
 from jaxkv.model.decoder import Decoder, init_params
 from jaxkv.policies.registry import make_policy
 
-from common import bench_config, decode_time, timed  # benchmarks/common.py
+from common import add_model_args, bench_config, decode_time, timed  # benchmarks/common.py
 
 
 def _caches(cfg, context, budget, steps, rng):
@@ -86,14 +86,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384])
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2])
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    add_model_args(ap)
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--overhead-context", type=int, default=4096)
     ap.add_argument("--no-overhead", action="store_true")

@@ -35,7 +35,8 @@ from jaxkv.cache.quantized import (QuantizedCache, quantize_per_channel, quantiz
                                    quantize_symmetric)
 from jaxkv.policies.base import Policy, check_budget, last_positions
 from jaxkv.policies.registry import register_method
-from jaxkv.policies.snapkv import prepare_scores, select_per_head, snapkv_scores, window_mask
+from jaxkv.policies.snapkv import (check_snap_settings, prepare_scores, select_per_head,
+                                   snapkv_scores, window_mask)
 
 
 def _check_int(name: str, value, minimum: int) -> int:
@@ -198,11 +199,7 @@ class SnapKVKIVI(Policy):
     name = "snapkv_kivi"
 
     def __post_init__(self):
-        check_budget(self.budget)
-        _check_int("window", self.window, 1)
-        _check_int("kernel", self.kernel, 1)
-        if self.kernel % 2 == 0:
-            raise ValueError(f"kernel={self.kernel}: the pooling kernel must be odd")
+        check_snap_settings(self.budget, self.window, self.kernel)
         _check_kivi_bits(self.bits)
         _check_int("group_size", self.group_size, 1)
 

@@ -14,7 +14,7 @@ average-pooled with `kernel` (which is what makes the kept tokens come in spans)
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -154,6 +154,15 @@ def select_headwise(scores: jax.Array, n_keep: jax.Array, n_max: int,
 # ----------------------------------------------------------------------------- policies
 
 
+def check_snap_settings(budget, window, kernel) -> None:
+    """The settings every SnapKV-scored policy shares: budget in (0, 1], window >= 1, odd kernel."""
+    check_budget(budget)
+    _check_int("window", window, 1)
+    _check_int("kernel", kernel, 1)
+    if kernel % 2 == 0:
+        raise ValueError(f"kernel={kernel}: the pooling kernel must be odd")
+
+
 @dataclasses.dataclass(frozen=True)
 class SnapKV(Policy):
     """SnapKV: every KV head keeps its top `budget` of the prompt by pooled window attention.
@@ -168,11 +177,7 @@ class SnapKV(Policy):
     name = "snapkv"
 
     def __post_init__(self):
-        check_budget(self.budget)
-        _check_int("window", self.window, 1)
-        _check_int("kernel", self.kernel, 1)
-        if self.kernel % 2 == 0:
-            raise ValueError(f"kernel={self.kernel}: the pooling kernel must be odd")
+        check_snap_settings(self.budget, self.window, self.kernel)
 
     # -- shared -------------------------------------------------------------------------------
     def observation_positions(self, lengths, t: int):
