@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from jaxkv.jsonio import write_json_atomic
 from jaxkv.policies.base import check_budget
 from jaxkv.policies.registry import check_method, make_policy
 
@@ -469,19 +470,7 @@ def _json_default(obj):
 
 
 def _write_json_atomic(obj, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".results-", suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_json_atomic(obj, path, indent=1, default=_json_default)
 
 
 def plot_accuracy_vs_budget(records: Sequence[Mapping[str, Any]], path: str) -> None:

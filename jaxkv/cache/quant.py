@@ -34,12 +34,13 @@ import functools
 import json
 import math
 import os
-import tempfile
-from typing import Dict, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Dict, Mapping, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxkv.jsonio import write_json_atomic
 
 BIT_WIDTHS = (0, 2, 4, 8, 16)   # every width a token or channel may get (0 evicts, 16 keeps whole)
 CODE_BITS = (2, 4, 8)           # widths stored as uint8 codes with a scale and zero-point
@@ -329,18 +330,7 @@ def save_eps(path: Union[str, os.PathLike], eps: EpsTable, model_fingerprint: st
         raise ValueError(f"path={path!r}: folder {folder!r} does not exist")
     doc = {"format": 1, "model_fingerprint": model_fingerprint,
            "eps": {name: {str(b): e for b, e in table.items()} for name, table in eps.items()}}
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_json_atomic(doc, path, indent=2, sort_keys=True, trailing_newline=True)
 
 
 def load_eps(path: Union[str, os.PathLike], model_fingerprint: str) -> EpsTable:
