@@ -1,7 +1,67 @@
-"""One dispatcher: choose the Pallas kernel by platform and cache type, else the XLA reference."""
+"""One dispatcher: choose the Pallas kernel by platform and cache type, else the XLA reference.
+
+`jaxkv` calls only the functions here. Which implementation runs is decided once per call at trace
+time by `kernel_mode()`:
+
+    "tpu"        Pallas kernels lowered with Mosaic TPU (default on a TPU backend)
+    "gpu"        Pallas kernels lowered with Mosaic GPU (default on a CUDA backend)
+    "interpret"  the same Pallas kernels run in interpret mode (any backend; CPU tests)
+    "reference"  the plain-jnp (XLA) references (default elsewhere, e.g. CPU)
+
+`JAXKV_KERNELS=auto|tpu|gpu|interpret|reference` (environment) or `set_kernel_mode(...)` /
+the `kernel_mode_override(...)` context manager override the platform default. A cache type
+without a kernel for the chosen backend falls back to its reference.
+"""
 from __future__ import annotations
 
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import jax
+
 from pallas_kernels.dense_decode import dense_decode_attention_reference
+
+MODES = ("auto", "tpu", "gpu", "interpret", "reference")
+_override: Optional[str] = None
+
+
+def _check_mode(mode: str, name: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"{name}={mode!r} is not allowed; expected one of {', '.join(MODES)}")
+    return mode
+
+
+def set_kernel_mode(mode: Optional[str]) -> None:
+    """Force a mode for every later trace (None: back to JAXKV_KERNELS / the platform default).
+    Functions already jit-compiled keep the implementation they were traced with."""
+    global _override
+    _override = None if mode is None else _check_mode(mode, "mode")
+
+
+@contextlib.contextmanager
+def kernel_mode_override(mode: str) -> Iterator[None]:
+    """`with kernel_mode_override("interpret"): ...` traces with that mode inside the block."""
+    global _override
+    previous = _override
+    set_kernel_mode(mode)
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def kernel_mode() -> str:
+    """The implementation the dispatcher uses now: tpu, gpu, interpret or reference."""
+    mode = _override or _check_mode(os.environ.get("JAXKV_KERNELS", "auto"), "JAXKV_KERNELS")
+    if mode != "auto":
+        return mode
+    platform = jax.default_backend()
+    if platform == "tpu":
+        return "tpu"
+    if platform in ("gpu", "cuda"):
+        return "gpu"
+    return "reference"
 
 
 def dense_decode_attention(q, k, v, lengths, *, scale: float):

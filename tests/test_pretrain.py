@@ -80,3 +80,30 @@ def test_bad_stage_settings():
         Stage(2, 16, MIX[:1])
     with pytest.raises(ValueError, match="steps=0"):
         Stage(0, 40, MIX[:1])
+
+
+def test_appended_stage_keeps_earlier_steps_and_restarts_the_schedule():
+    from train.pretrain import make_optimizer
+    base = tiny_config(steps=4)
+    extended = base.replace(stages=base.stages + (Stage(4, 80, MIX),), schedule_steps=4,
+                            restart_learning_rate=1e-3, restart_warmup_steps=2)
+    params = {"w": np.zeros(3, np.float32)}
+
+    def lrs(cfg):  # the learning rate of each step, read from the optimiser's own schedule
+        opt = make_optimizer(cfg)
+        state = opt.init(params)
+        out = []
+        for _ in range(cfg.total_steps):
+            grads = {"w": np.ones(3, np.float32)}
+            updates, state = opt.update(grads, state, params)
+            out.append(-float(updates["w"][0]))  # adam on a constant gradient: step ~ lr
+        return np.array(out)
+
+    a, b = lrs(base), lrs(extended)
+    np.testing.assert_allclose(b[:4], a, rtol=1e-5)  # earlier steps unchanged
+    assert b[4] < b[5] and b[5] > 0.5e-3 and b[-1] < b[5]  # warm-up to the new peak, then decay
+    np.testing.assert_array_equal(batch_for_step(extended, 3)["tokens"], batch_for_step(base, 3)["tokens"])
+    with pytest.raises(ValueError, match="restart_learning_rate"):
+        base.replace(restart_learning_rate=1e-3)
+    with pytest.raises(ValueError, match="schedule_steps=9"):
+        base.replace(schedule_steps=9)

@@ -74,14 +74,30 @@ class PretrainConfig:
     checkpoint_every: int = 50
     eval_samples: int = 100
     # Steps over which the cosine decays (None: all steps). Pinning it lets a stage be appended
-    # later (continuing at the final learning rate) without changing any earlier step.
+    # later without changing any earlier step: the appended steps run at the final learning rate,
+    # or, with `restart_learning_rate`, on a second warmup-cosine (warm-up `restart_warmup_steps`
+    # to that peak, decaying to restart_learning_rate * final_lr_fraction at the last step).
     schedule_steps: Optional[int] = None
+    restart_learning_rate: Optional[float] = None
+    restart_warmup_steps: int = 50
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
         if not self.stages:
             raise ValueError("stages: give at least one curriculum stage")
+        if self.schedule_steps is not None and not 1 <= self.schedule_steps <= self.total_steps:
+            raise ValueError(f"schedule_steps={self.schedule_steps} is not allowed; expected None "
+                             f"or an integer in [1, total_steps={self.total_steps}]")
+        if self.restart_learning_rate is not None:
+            if self.schedule_steps is None or self.schedule_steps == self.total_steps:
+                raise ValueError(f"restart_learning_rate={self.restart_learning_rate} needs "
+                                 f"schedule_steps < total_steps={self.total_steps} (the restart "
+                                 f"covers the steps after schedule_steps); got "
+                                 f"schedule_steps={self.schedule_steps}")
+            if not self.restart_learning_rate > 0:
+                raise ValueError(f"restart_learning_rate={self.restart_learning_rate} is not "
+                                 f"allowed; expected a positive float")
 
     @property
     def total_steps(self) -> int:
@@ -110,6 +126,13 @@ def make_optimizer(cfg: PretrainConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, cfg.learning_rate, min(cfg.warmup_steps, max(horizon - 1, 1)),
         max(horizon, 2), end_value=cfg.learning_rate * cfg.final_lr_fraction)
+    if cfg.restart_learning_rate is not None:
+        rest = cfg.total_steps - horizon
+        restart = optax.warmup_cosine_decay_schedule(
+            cfg.learning_rate * cfg.final_lr_fraction, cfg.restart_learning_rate,
+            min(cfg.restart_warmup_steps, max(rest - 1, 1)), max(rest, 2),
+            end_value=cfg.restart_learning_rate * cfg.final_lr_fraction)
+        schedule = optax.join_schedules([schedule, restart], [horizon])
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                        optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=cfg.weight_decay))
 
