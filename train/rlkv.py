@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxkv.jsonio import write_json_atomic
 from jaxkv.model.config import ModelConfig
 from jaxkv.model.decoder import Decoder
 from jaxkv.model.gated import gate_stats, init_gates, mixed_attention_fn, save_gates
@@ -810,10 +811,7 @@ def train_rlkv(cfg: RLKVConfig, out_dir: str, max_steps: Optional[int] = None,
     else:
         items, distill_stats = self_distill(trainer.model, cfg, trainer.verify,
                                             trainer.max_new_tokens, mesh)
-        tmp = set_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"stats": distill_stats, "items": items}, f)
-        os.replace(tmp, set_path)
+        write_json_atomic({"stats": distill_stats, "items": items}, set_path, indent=None)
     if progress:
         print(f"rlkv: training set {distill_stats}")
 

@@ -157,11 +157,8 @@ def save_gates(path: str, gates) -> None:
         raise ValueError(f"gates: expected shape [layers, kv_heads], got {g.shape}")
     payload = {"layers": int(g.shape[0]), "kv_heads": int(g.shape[1]),
                "gates": [[float(x) for x in row] for row in g]}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    from jaxkv.jsonio import write_json_atomic
+    write_json_atomic(payload, path, indent=1)
 
 
 def load_gates(path: str, config=None) -> np.ndarray:
