@@ -28,7 +28,7 @@ def accuracy(model, task, examples, policy, batch_size, mnt):
 
 
 def main(argv=None):
-    from configs.tiny import EVAL_TASKS
+    from configs.tiny import BENCHMARK_TASKS
     from jaxkv.embedded import load_embedded
     from jaxkv.eval import EvalConfig
 
@@ -47,7 +47,8 @@ def main(argv=None):
     layers, kv = gates.shape
     full_heads, _ = select_heads(tuple(map(tuple, gates.tolist())), args.sparsity)
     kept = {(l, h) for l in range(layers) for h in full_heads[l]}
-    settings = {t.name: dict(t.settings) for t in EVAL_TASKS if t.name in ("running_sum", "var_chain")}
+    settings = {t.name: dict(t.settings) for t in BENCHMARK_TASKS
+                if t.name in ("running_sum", "var_chain")}
     cfg = EvalConfig(methods=("full",), budgets=(), tasks=tuple(settings), task_settings=settings)
     tasks = {}
     for name, s in settings.items():

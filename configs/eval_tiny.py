@@ -1,4 +1,4 @@
-"""Evaluation of every available method on the embedded tasks at their default settings (what
+"""Evaluation of every available method on the embedded benchmark tasks (configs/tiny.py BENCHMARK_TASKS) at their default settings (what
 `python -m train demo` runs, with fewer samples).
 
 Methods that need a trained artifact (RLKV / DuoAttention gates) join once their gate files
@@ -9,7 +9,7 @@ budget each method really used (measured_budget, read off the arrays).
 """
 import os
 
-from configs.tiny import EVAL_TASKS, method_settings
+from configs.tiny import BENCHMARK_TASKS, method_settings
 from jaxkv.embedded import ASSET_DIR
 from jaxkv.eval import EvalConfig
 from jaxkv.policies.registry import available_methods, get_factory
@@ -28,8 +28,8 @@ for m, path in GATE_FILES.items():
 CONFIG = EvalConfig(
     methods=METHODS,
     budgets=(0.25, 0.5),
-    tasks=tuple(t.name for t in EVAL_TASKS),
-    task_settings={t.name: dict(t.settings) for t in EVAL_TASKS},
+    tasks=tuple(t.name for t in BENCHMARK_TASKS),
+    task_settings={t.name: dict(t.settings) for t in BENCHMARK_TASKS},
     method_settings={m: s for m, s in SETTINGS.items() if s},
     n_samples=200,
     batch_size=50,

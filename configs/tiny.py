@@ -27,6 +27,15 @@ EVAL_TASKS = (
 )
 
 
+# The embedded benchmark: the tasks the shipped model (run 3) solves with the full cache at >= 95%
+# exact match (its train_report.json: running_sum 1.00, niah_single 1.00, passkey 0.99). The eval
+# configs, the demo and the gate-training recipes use these. The other four are generated and
+# reported, but this 4-layer model has not learnt them in 2,300 steps (niah_multivalue 0.78,
+# var_chain 0.09, niah_multikey 0.07, variable_tracking 0.00), so a compressed cache has nothing
+# to keep on them; they stay in EVAL_TASKS (and the report) for larger models and longer runs.
+BENCHMARK = ("running_sum", "niah_single", "passkey")
+BENCHMARK_TASKS = tuple(t for t in EVAL_TASKS if t.name in BENCHMARK)
+
 # Run history (greedy exact match, full cache, 100 per task, seed 0):
 #   run 1 (stages 1-3 below, 1500 steps, 91 min on 2 cores): niah_single 1.00, passkey 0.93,
 #     niah_multivalue 0.52, var_chain 0.13, niah_multikey 0.07, running_sum 0.06,
@@ -34,10 +43,15 @@ EVAL_TASKS = (
 #   run 2, running_sum random_offset, weights moved to the key-matching tasks and steps
 #     500/400/700 from scratch: worse everywhere (running_sum 0.19, var_chain 0.16, every
 #     retrieval task <= 0.02): the key-matching tasks only pay off once the easy ones are learnt.
-#   run 3 = run 1 + stage 4: run 1's schedule is pinned (schedule_steps=1500) so its 1500 steps
-#     are unchanged, and stage 4 continues at 256 tokens on a second warmup-cosine (peak 1e-3),
-#     with weight moved to the tasks run 1 had not solved plus easier variants of the two hardest
-#     retrieval tasks (fewer keys, fewer hops) that give their lookups a signal.
+#   run 3 = run 1 + stage 4 (the shipped model, jaxkv/assets/tiny): run 1's schedule is pinned
+#     (schedule_steps=1500) so its 1500 steps are unchanged, and stage 4 continues at 256 tokens
+#     on a second warmup-cosine (peak 1e-3), with weight moved to the tasks run 1 had not solved
+#     plus easier variants of the two hardest retrieval tasks (fewer keys, fewer hops). Stage 4
+#     took 46 min on 2 cores (about 2 h 20 min from scratch): running_sum 1.00, niah_single 1.00,
+#     passkey 0.99, niah_multivalue 0.78, var_chain 0.09, niah_multikey 0.07,
+#     variable_tracking 0.00. Teacher-forced token accuracy on var_chain stayed at ~0.45 (the
+#     step that finds the definition naming the previous variable on its right-hand side was
+#     never learnt), on variable_tracking at ~0.4-0.5.
 def _mix(n_digits, n_vars, length, n_keys):
     return (
         TaskMix("running_sum", 2.0, (("n_digits", n_digits),)),
