@@ -101,10 +101,12 @@ def test_mixing_is_per_kv_head_and_linear(model):
     assert_close(got, alpha * full + (1 - alpha) * stream, "float32")
 
 
-def test_mix_softmax_far_below_max_stays_normalised():
-    """Streaming scores 120 below the row max (exp(-120) underflows float32) still give a
-    normalised streaming softmax: the shared shift is min(full max, streaming max + 64)."""
-    scores = jnp.array([0.0, -120.0, -121.0])[None, None, None, None, :]  # [1,1,1,1,S=3]
+@pytest.mark.parametrize("gap", [120.0, 300.0, 1e4])
+def test_mix_softmax_far_below_max_stays_normalised(gap):
+    """Streaming scores far below the row max (exp(-gap) underflows, and a shared shift would
+    overflow for gaps past ~150 nats) still give a normalised streaming softmax, and finite
+    gradients for the gate and the scores."""
+    scores = jnp.array([0.0, -gap, -gap - 1.0])[None, None, None, None, :]  # [1,1,1,1,S=3]
     full = jnp.array([True, True, True])
     stream = jnp.array([False, True, True])
     p = np.asarray(mix_softmax(scores, full, stream, jnp.array([0.5]))[0, 0, 0, 0])
@@ -112,6 +114,12 @@ def test_mix_softmax_far_below_max_stays_normalised():
     # 0.5 * full ([1, ~0, ~0]) + 0.5 * streaming ([0, 1/z, e^-1/z])
     np.testing.assert_allclose(p, [0.5, 0.5 / z, 0.5 * np.exp(-1.0) / z], rtol=1e-6)
     assert np.isfinite(p).all()
+    w = jnp.array([1.0, 2.0, 3.0])
+    g_alpha, g_scores = jax.grad(lambda a, s: (mix_softmax(s, full, stream, a) * w).sum(),
+                                 argnums=(0, 1))(jnp.array([0.5]), scores)
+    assert np.isfinite(np.asarray(g_alpha)).all() and np.isfinite(np.asarray(g_scores)).all()
+    # d/d alpha of sum(w * p) = sum(w * p_full) - sum(w * p_stream) = 1 - (2 + 3/e) / z
+    np.testing.assert_allclose(float(g_alpha[0]), 1 - (2 + 3 * np.exp(-1.0)) / z, rtol=1e-6)
 
 
 def test_gated_decoding_matches_mixed_forward(model):
