@@ -65,8 +65,21 @@ def kernel_mode() -> str:
 
 
 def dense_decode_attention(q, k, v, lengths, *, scale: float):
-    """q: [B, H, D]; k, v: [B, K, S, D]; lengths: [B] -> [B, H, D]."""
-    return dense_decode_attention_reference(q, k, v, lengths, scale)
+    """q: [B, H, D]; k, v: [B, K, S, D]; lengths: [B] -> [B, H, D].
+    Kernels: pallas_kernels.dense_decode (TPU, Mosaic) and pallas_kernels.dense_decode_gpu
+    (Mosaic GPU: 16-bit caches, head dim a multiple of 64; other shapes run the reference)."""
+    mode = kernel_mode()
+    if mode == "gpu":
+        from pallas_kernels.dense_decode_gpu import dense_decode_attention_gpu, gpu_kernel_supported
+        if gpu_kernel_supported(q, k) is None:
+            return dense_decode_attention_gpu(q, k, v, lengths, scale)
+    if mode not in ("tpu", "interpret"):
+        return dense_decode_attention_reference(q, k, v, lengths, scale)
+    from jax.experimental.pallas import tpu as pltpu
+
+    from pallas_kernels.dense_decode import dense_decode_attention as kernel
+    return kernel(q, k, v, lengths, scale=scale,
+                  interpret=pltpu.InterpretParams() if mode == "interpret" else False)
 
 
 def headsplit_decode_attention(q, full_k, full_v, full_lengths, stream_k, stream_v, stream_counts,
@@ -74,36 +87,87 @@ def headsplit_decode_attention(q, full_k, full_v, full_lengths, stream_k, stream
     """q: [B, H, D]; full part k, v [B, Kf, S, D] + lengths [B] (None if no full heads);
     streaming part k, v [B, Ks, sink + window, D] + counts [B] (None if no streaming heads)
     -> [B, H, D]. See pallas_kernels.headsplit_decode."""
-    from pallas_kernels.headsplit_decode import headsplit_decode_attention_reference
-    return headsplit_decode_attention_reference(
+    from pallas_kernels import headsplit_decode
+    mode = kernel_mode()
+    if mode not in ("tpu", "interpret"):  # TPU kernel only; "gpu" runs the reference
+        return headsplit_decode.headsplit_decode_attention_reference(
+            q, full_k, full_v, full_lengths, stream_k, stream_v, stream_counts,
+            full_heads=full_heads, stream_heads=stream_heads, sink=sink, window=window,
+            scale=scale)
+    from jax.experimental.pallas import tpu as pltpu
+    return headsplit_decode.headsplit_decode_attention(
         q, full_k, full_v, full_lengths, stream_k, stream_v, stream_counts,
-        full_heads=full_heads, stream_heads=stream_heads, sink=sink, window=window, scale=scale)
+        full_heads=full_heads, stream_heads=stream_heads, sink=sink, window=window, scale=scale,
+        interpret=pltpu.InterpretParams() if mode == "interpret" else False)
 
 
 def sparse_decode_attention(q, k, v, heads, new_k, new_v, new_lengths, *, scale: float):
     """q: [B, H, D]; ragged prompt part k, v [B, N, D] + heads [B, N]; decode part new_k, new_v
     [B, K, E, D] + new_lengths [B] -> [B, H, D]. See pallas_kernels.sparse_decode."""
-    from pallas_kernels.sparse_decode import sparse_decode_attention_reference
-    return sparse_decode_attention_reference(q, k, v, heads, new_k, new_v, new_lengths, scale)
+    from pallas_kernels import sparse_decode
+    mode = kernel_mode()
+    if mode not in ("tpu", "interpret"):  # TPU kernel only; "gpu" runs the reference
+        return sparse_decode.sparse_decode_attention_reference(q, k, v, heads, new_k, new_v,
+                                                               new_lengths, scale)
+    from jax.experimental.pallas import tpu as pltpu
+    return sparse_decode.sparse_decode_attention(
+        q, k, v, heads, new_k, new_v, new_lengths, scale=scale,
+        interpret=pltpu.InterpretParams() if mode == "interpret" else False)
 
 
 def mixed_decode_attention(q, arena, counts, k_channels, k_counts, k_scale, k_zero, whole_k,
                            whole_v, whole_lengths, *, scale: float, k_row_bytes: int):
     """q: [B, H, D]; RDKV's mixed-precision layer (byte arena of token records grouped by V bit
     width, per-channel K scales in rank order, a whole zone in the cache dtype) -> [B, H, D].
-    See pallas_kernels.mixed_decode."""
-    from pallas_kernels.mixed_decode import mixed_decode_attention_reference
-    return mixed_decode_attention_reference(q, arena, counts, k_channels, k_counts, k_scale,
-                                            k_zero, whole_k, whole_v, whole_lengths, scale=scale,
-                                            k_row_bytes=k_row_bytes)
+    Kernel: pallas_kernels.mixed_decode (TPU; "gpu" runs the reference); see there."""
+    from pallas_kernels import mixed_decode
+    mode = kernel_mode()
+    if mode not in ("tpu", "interpret"):
+        return mixed_decode.mixed_decode_attention_reference(
+            q, arena, counts, k_channels, k_counts, k_scale, k_zero, whole_k, whole_v,
+            whole_lengths, scale=scale, k_row_bytes=k_row_bytes)
+    from jax.experimental.pallas import tpu as pltpu
+    return mixed_decode.mixed_decode_attention(
+        q, arena, counts, k_channels, k_counts, k_scale, k_zero, whole_k, whole_v, whole_lengths,
+        scale=scale, k_row_bytes=k_row_bytes,
+        interpret=pltpu.InterpretParams() if mode == "interpret" else False)
 
 
 def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, q_lengths,
                                whole_k, whole_v, whole_lengths, *, scale: float, k_bits: int,
                                v_bits: int, k_group_tokens: int):
     """q: [B, H, D]; a uniformly quantised layer (KIVI, int8, SnapKV + KIVI) plus a whole zone
-    -> [B, H, D]. See pallas_kernels.quantized_decode."""
-    from pallas_kernels.quantized_decode import quantized_decode_attention_reference
-    return quantized_decode_attention_reference(
+    -> [B, H, D]. Kernel: pallas_kernels.quantized_decode (TPU; "gpu" runs the reference), with
+    a block size that holds whole K scale groups (`default_block_size`)."""
+    from pallas_kernels import quantized_decode
+    settings = dict(scale=scale, k_bits=k_bits, v_bits=v_bits, k_group_tokens=k_group_tokens)
+    mode = kernel_mode()
+    if mode not in ("tpu", "interpret"):
+        return quantized_decode.quantized_decode_attention_reference(
+            q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, q_lengths, whole_k, whole_v,
+            whole_lengths, **settings)
+    from jax.experimental.pallas import tpu as pltpu
+    return quantized_decode.quantized_decode_attention(
         q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, q_lengths, whole_k, whole_v,
-        whole_lengths, scale=scale, k_bits=k_bits, v_bits=v_bits, k_group_tokens=k_group_tokens)
+        whole_lengths, **settings, block_size=quantized_decode.default_block_size(k_group_tokens),
+        interpret=pltpu.InterpretParams() if mode == "interpret" else False)
+
+
+def mixed_prefill_attention(alpha, q, k, v, positions, prompt_lengths, *, sink: int, window: int,
+                            block_q: Optional[int] = None, block_k: Optional[int] = None):
+    """Mixed full + streaming causal prefill attention (RLKV / DuoAttention gate training):
+    alpha [K]; q [B, T, H, D]; k, v [B, T, K, D]; positions [B, T] (arange(T) in every row for
+    the kernel); prompt_lengths [B] or None -> [B, T, H, D]; differentiable in alpha, q, k, v.
+    Kernel: pallas_kernels.mixed_prefill (TPU; "gpu" and "reference" run the jnp math of
+    jaxkv.model.gated._mixed_attention). block_q, block_k: None for the kernel's defaults."""
+    from pallas_kernels import mixed_prefill
+    mode = kernel_mode()
+    if mode not in ("tpu", "interpret"):
+        return mixed_prefill.mixed_prefill_attention_reference(alpha, q, k, v, positions,
+                                                               prompt_lengths, sink, window)
+    from jax.experimental.pallas import tpu as pltpu
+    blocks = {name: size for name, size in (("block_q", block_q), ("block_k", block_k))
+              if size is not None}
+    return mixed_prefill.mixed_prefill_attention(
+        alpha, q, k, v, positions, prompt_lengths, sink=sink, window=window, **blocks,
+        interpret=pltpu.InterpretParams() if mode == "interpret" else False)

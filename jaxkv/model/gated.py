@@ -83,11 +83,17 @@ def mixed_attention_fn(gates, sink: int, window: int, prompt_lengths=None, remat
     sampled from. Without prompt_lengths every query is mixed (DuoAttention training).
     remat: recompute the attention in the backward pass instead of keeping its [B, K, G, T, S]
     probabilities (`jax.checkpoint`): memory of q/k/v per layer instead of T^2 per head.
+    On TPU (`pallas_kernels.dispatch.kernel_mode() == "tpu"`) the attention is the one-pass
+    flash-style kernel of `pallas_kernels.mixed_prefill` (its backward never holds T^2 either).
     """
     sink, window = check_streaming(sink, window)
     if getattr(gates, "ndim", None) != 2:
         raise ValueError(f"gates: expected shape [layers, kv_heads], got "
                          f"{getattr(gates, 'shape', type(gates).__name__)}")
+    from pallas_kernels import dispatch
+    if dispatch.kernel_mode() == "tpu":  # one-pass Pallas kernel: both branches from one score tile
+        from pallas_kernels.mixed_prefill import mixed_prefill_attention_fn
+        return mixed_prefill_attention_fn(gates, sink, window, prompt_lengths)
 
     def attention(layer, q, k, v, positions):
         kh = k.shape[2]

@@ -1,0 +1,67 @@
+"""Smoke test of benchmarks/kernels.py: `main(["--smoke", ...])` in process (tiny shapes), then the
+JSON's fields, the PNG and the bytes of every cache type."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+ROW_FIELDS = {"type", "context", "budget", "bytes", "MB", "bytes_fraction", "mode", "kernel_used",
+              "kernel_ms", "kernel_GBps", "kernel_pct_copy", "ref_ms", "ref_GBps",
+              "ref_pct_copy", "speedup"}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """benchmarks/kernels.py as a module (it imports benchmarks/common.py as `common`)."""
+    sys.path.insert(0, BENCH_DIR)
+    try:
+        spec = importlib.util.spec_from_file_location("bench_kernels",
+                                                      os.path.join(BENCH_DIR, "kernels.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(BENCH_DIR)
+    return module
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_smoke_every_cache_type(bench, tmp_path):
+    out = str(tmp_path / "kernels.json")
+    result = bench.main(["--smoke", "--out", out])
+    data = _load(out)
+    assert {"device", "platform", "mode", "args", "copy", "rows"} <= set(data)
+    assert data["copy"]["GBps"] > 0 and data["copy"]["bytes"] == 2 * 8 * 2 ** 20
+    assert [r["type"] for r in data["rows"]] == list(bench.CACHE_TYPES)
+    for r in data["rows"]:
+        assert set(r) == ROW_FIELDS, r["type"]
+        assert r["context"] == 256 and r["bytes"] > 0 and r["ref_ms"] > 0
+        assert r["ref_GBps"] > 0 and r["ref_pct_copy"] > 0
+        assert abs(r["MB"] - r["bytes"] / 1e6) < 1e-9
+        if data["platform"] == "cpu":  # no accelerator: the reference only
+            assert data["mode"] == "reference" and r["kernel_ms"] is None
+            assert r["speedup"] is None and not r["kernel_used"]
+    fraction = {r["type"]: r["bytes_fraction"] for r in data["rows"]}
+    assert fraction["dense"] == pytest.approx(1.0, abs=1e-3)  # + the int32 lengths
+    for kind in ("headsplit", "sparse", "quantized", "mixed"):  # compressed at budget 0.2
+        assert fraction[kind] < 0.7, (kind, fraction[kind])
+    assert os.path.getsize(result["png"]) > 0 and result["png"].endswith(".png")
+
+
+def test_smoke_kernel_mode_interpret(bench, tmp_path):
+    """--mode interpret times the Pallas kernel (in interpret mode) against the reference and
+    records that the traced function really holds a pallas_call."""
+    out = str(tmp_path / "kernels.json")
+    bench.main(["--smoke", "--mode", "interpret", "--types", "dense", "--out", out])
+    (row,) = _load(out)["rows"]
+    assert row["mode"] == "interpret" and row["kernel_used"] is True
+    assert row["kernel_ms"] > 0 and row["kernel_GBps"] > 0 and row["speedup"] > 0
