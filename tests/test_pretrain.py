@@ -107,3 +107,51 @@ def test_appended_stage_keeps_earlier_steps_and_restarts_the_schedule():
         base.replace(restart_learning_rate=1e-3)
     with pytest.raises(ValueError, match="schedule_steps=9"):
         base.replace(schedule_steps=9)
+
+
+def test_fine_tune_trains_its_base_first_and_starts_from_it(tmp_path):
+    import optax
+    from train.pretrain import config_fingerprint, loss_fn
+    base = tiny_config(steps=4)
+    tune = tiny_config(steps=3, base=base, seed=1)
+    out = str(tmp_path / "tune")
+    report = pretrain(tune, out, progress=False)
+    assert report["steps"] == 3 and report["config_fingerprint"] == config_fingerprint(tune)
+    base_report = json.loads(open(os.path.join(out, "base", "model", "train_report.json")).read())
+    assert base_report["config_fingerprint"] == config_fingerprint(base)
+    # the base run alone gives the same weights as the base folder of the fine-tune
+    alone = str(tmp_path / "alone")
+    pretrain(base, alone, progress=False)
+    for x, y in zip(jax.tree_util.tree_leaves(_params(alone)),
+                    jax.tree_util.tree_leaves(_params(os.path.join(out, "base")))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    # the fine-tune's first step starts from the base weights: replay it by hand
+    batch = batch_for_step(tune, 0)
+    from train.pretrain import make_optimizer
+    opt = make_optimizer(tune)
+    p0 = _params(alone)
+    grads = jax.grad(lambda p: loss_fn(p, batch["tokens"], batch["loss_mask"], tune.model)[0])(p0)
+    updates, _ = opt.update(grads, opt.init(p0), p0)
+    p1 = optax.apply_updates(p0, updates)
+    split = str(tmp_path / "split")
+    pretrain(tune, split, max_steps=1, progress=False)
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(split, "checkpoints")))
+    restored = manager.restore(1)["params"]
+    for x, y in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(restored)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    # resumed after 1 step, it ends where the straight run ended
+    pretrain(tune, split, progress=False)
+    for x, y in zip(jax.tree_util.tree_leaves(_params(out)), jax.tree_util.tree_leaves(_params(split))):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+def test_fine_tune_refuses_a_base_folder_of_another_config(tmp_path):
+    base = tiny_config(steps=4)
+    other = tiny_config(steps=3)
+    out = str(tmp_path / "tune")
+    pretrain(other, os.path.join(out, "base"), progress=False)
+    with pytest.raises(ValueError, match="config_fingerprint"):
+        pretrain(tiny_config(steps=3, base=base), out, progress=False)
+    with pytest.raises(ValueError, match="base"):
+        tiny_config(steps=3, base=base.replace(model=TINY_MODEL.replace(hidden_size=64)))

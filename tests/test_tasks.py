@@ -287,10 +287,23 @@ def test_running_sum_hand_worked():
 
 def test_var_chain_hand_worked():
     # chain X5 = 3 ; X9 = X5 + 4 (=7) ; X2 = X9 + 7 (=14 -> 4); listed in order [2, 0, 1]
-    ex = VarChain(n_vars=3).make_example(["X5", "X9", "X2"], 3, [4, 7], [2, 0, 1])
+    ex = VarChain(n_vars=3, cot="forward").make_example(["X5", "X9", "X2"], 3, [4, 7], [2, 0, 1])
     assert ex.prompt == "VC X2 = X9 + 7 ; X5 = 3 ; X9 = X5 + 4 ; ? X2"
     assert ex.target == "X5 3 ; X9 7 ; X2 4 ; A : 4"
     assert ex.answer == "4"
+    # backward (the default): from X2 to the root, increments summed on the way:
+    # 7 -> 7, + 4 -> 11 -> 1, + root 3 -> 4 = the value of X2
+    ex = VarChain(n_vars=3).make_example(["X5", "X9", "X2"], 3, [4, 7], [2, 0, 1])
+    assert ex.prompt == "VC X2 = X9 + 7 ; X5 = 3 ; X9 = X5 + 4 ; ? X2"
+    assert ex.target == "X2 = X9 + 7 7 ; X9 = X5 + 4 1 ; X5 = 3 4 ; A : 4"
+    assert ex.answer == "4"
+
+
+@pytest.mark.parametrize("cot", VarChain.COTS)
+@pytest.mark.parametrize("n_vars", [2, 7, 16, 32])
+def test_var_chain_length_is_max_len(cot, n_vars):
+    task = VarChain(n_vars=n_vars, cot=cot)
+    assert {ex.num_tokens for ex in sample_examples(task, 10, seed=n_vars)} == {task.max_len}
 
 
 def test_running_sum_lookups_are_far_back():
@@ -311,6 +324,24 @@ def test_running_sum_lookups_are_far_back():
 
 def test_var_chain_lookups_are_far_back():
     task = VarChain()
+    distances = []
+    for ex in sample_examples(task, 10, seed=4):
+        seq = [vocab.ID_TO_TOKEN[i] for i in ex.prompt_ids + ex.target_ids]
+        start = len(ex.prompt_ids)
+        for k in range(task.n_vars - 1):
+            pos_target = start + 7 * k  # step k writes `V = V' + c s ;` for the k-th name back
+            name = seq[pos_target]
+            # the definition it copies: `name = V' + c ;` in the prompt (name left of `=`)
+            pos_def = next(j for j in range(start) if seq[j: j + 2] == [name, "="])
+            assert seq[pos_def: pos_def + 5] == seq[pos_target: pos_target + 5]
+            distances.append(pos_target - pos_def)
+    distances = np.array(distances)
+    # beyond a sink + window cache (tiny configs: 4 + 16): all but the few definitions listed last
+    assert np.mean(distances > 20) >= 0.9 and np.median(distances) > 80
+
+
+def test_var_chain_forward_lookups_are_far_back():
+    task = VarChain(cot="forward")
     distances = []
     for ex in sample_examples(task, 10, seed=4):
         seq = [vocab.ID_TO_TOKEN[i] for i in ex.prompt_ids + ex.target_ids]
@@ -344,6 +375,7 @@ def test_retrieval_depth_setting():
         (lambda: RunningSum(n_digits=2.5), r"n_digits=2.5"),
         (lambda: RunningSum(n_digits=True), r"n_digits=True"),
         (lambda: VarChain(n_vars=33), r"n_vars=33 .*\[2, 32\]"),
+        (lambda: VarChain(cot="sideways"), r"cot='sideways' .*backward, forward"),
         (lambda: NiahSingle(length=63), r"length=63 .*\[64, 8192\]"),
         (lambda: Passkey(length=8193), r"length=8193"),
         (lambda: NiahSingle(depth=1.5), r"depth=1.5"),

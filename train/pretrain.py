@@ -80,6 +80,11 @@ class PretrainConfig:
     schedule_steps: Optional[int] = None
     restart_learning_rate: Optional[float] = None
     restart_warmup_steps: int = 50
+    # Start from the model another config trains (a fine-tune): `pretrain` first trains (or
+    # resumes, or reuses) `base` into out_dir/base, then starts this config's stages from its
+    # exported weights with a fresh optimiser and this config's own schedule. The fingerprint
+    # covers the base (it is part of the repr), so the whole chain is reproducible from here.
+    base: Optional["PretrainConfig"] = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -98,6 +103,14 @@ class PretrainConfig:
             if not self.restart_learning_rate > 0:
                 raise ValueError(f"restart_learning_rate={self.restart_learning_rate} is not "
                                  f"allowed; expected a positive float")
+        if self.base is not None:
+            if not isinstance(self.base, PretrainConfig):
+                raise ValueError(f"base={self.base!r} is not allowed; expected None or a "
+                                 f"PretrainConfig")
+            if self.base.model != self.model:
+                raise ValueError("base: the base config trains another model shape "
+                                 f"({self.base.model}); a fine-tune keeps the model of its base "
+                                 f"({self.model})")
 
     @property
     def total_steps(self) -> int:
@@ -195,9 +208,28 @@ def evaluate_tasks(model: Model, tasks: Sequence[TaskMix], n: int, seed: int = 1
     return out
 
 
+def base_params(cfg: PretrainConfig, out_dir: str, progress: bool = True):
+    """The exported weights of `cfg.base`, trained into out_dir/base first if they are not there
+    (resumably). A base folder exported by another config is refused, not silently used."""
+    from jaxkv.hf import load_hf
+    base_dir = os.path.join(out_dir, "base")
+    report_path = os.path.join(base_dir, "model", "train_report.json")
+    if not os.path.exists(report_path):
+        print(f"training the base model first ({base_dir})")
+        pretrain(cfg.base, base_dir, progress=progress)
+    with open(report_path) as f:
+        found = json.load(f).get("config_fingerprint")
+    want = config_fingerprint(cfg.base)
+    if found != want:
+        raise ValueError(f"{report_path}: config_fingerprint={found!r} is not the base config's "
+                         f"{want!r}; remove {base_dir} to retrain the base")
+    return load_hf(os.path.join(base_dir, "model"), dtype=cfg.model.dtype).params
+
+
 def pretrain(cfg: PretrainConfig, out_dir: str, max_steps: Optional[int] = None,
              progress: bool = True, export: bool = True) -> dict:
-    """Train (or resume) into out_dir/checkpoints; export to out_dir/model. Returns a report."""
+    """Train (or resume) into out_dir/checkpoints; export to out_dir/model. Returns a report.
+    With `cfg.base`, the base is trained first into out_dir/base and this run starts from it."""
     from tqdm import tqdm
 
     from jaxkv.hf import save_hf
@@ -205,7 +237,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str, max_steps: Optional[int] = None,
 
     os.makedirs(out_dir, exist_ok=True)
     optimizer = make_optimizer(cfg)
-    params = init_params(cfg.model, cfg.seed)
+    params = (init_params(cfg.model, cfg.seed) if cfg.base is None
+              else base_params(cfg, out_dir, progress))
     opt_state = optimizer.init(params)
     state = {"params": params, "opt_state": opt_state, "step": np.array(0, np.int64)}  # 0-d array: orbax restores it
     manager = _checkpoint_manager(os.path.join(out_dir, "checkpoints"))

@@ -99,26 +99,45 @@ class VarChain(Task):
     A single chain ``V_0 = r ; V_1 = V_0 + c_1 ; ... ; V_{n-1} = V_{n-2} + c_{n-1}`` over
     ``n_vars`` distinct names from ``X0..X31`` (r, c_j random digits, values mod 10). The
     prompt lists the definitions in random order: ``VC <defs> ? V_{n-1}``.
-    Target walks the chain from the root: ``V_0 v_0 ; V_1 v_1 ; ... ; A : v_{n-1}``.
 
-    Step j must find the definition that mentions ``V_{j-1}`` on its right-hand side (somewhere
-    in the prompt) to get the next name and increment. Length: ``9 * n_vars + 6`` (150 at the
-    default).
+    ``cot="backward"`` (the default): the chain of thought starts at the queried variable and
+    follows its definition back to the root, copying each definition and keeping the sum of the
+    increments seen so far (mod 10):
+    ``V_{n-1} = V_{n-2} + c_{n-1} s ; ... ; V_1 = V_0 + c_1 s ; V_0 = r s ; A : s``, where the
+    last ``s`` (increments + root) is the value of ``V_{n-1}``. Step k finds the definition of
+    the variable it has just written (the one with that name left of ``=``), somewhere in the
+    prompt, and copies its right-hand side. Length: ``13 * n_vars + 4`` (212 at the default).
+
+    ``cot="forward"``: the chain of thought walks from the root,
+    ``V_0 v_0 ; V_1 v_1 ; ... ; A : v_{n-1}``; step j must find the definition that mentions
+    ``V_{j-1}`` on its right-hand side and read the name two tokens before it. The embedded
+    model's first 2,300 training steps used this form; it never got past ~0.45 teacher-forced
+    token accuracy on it (and still did not at 6 variables after 150 more steps), while the
+    backward form's look-up by the name left of ``=`` reached 0.93 in 600 steps at 6 variables.
+    Length: ``9 * n_vars + 6``.
     """
 
     name: ClassVar[str] = "var_chain"
     family: ClassVar[str] = "reasoning"
 
     n_vars: int = 16  # allowed 2..32 (distinct names X0..X31)
+    cot: str = "backward"  # "backward" or "forward"
+
+    COTS: ClassVar[tuple[str, ...]] = ("backward", "forward")
 
     def __post_init__(self):
         self._check_int("n_vars", 2, len(VAR_TOKENS))
+        if self.cot not in self.COTS:
+            raise ValueError(f"VarChain: cot={self.cot!r} is not allowed; expected one of "
+                             f"{', '.join(self.COTS)}")
 
     @property
     def max_len(self) -> int:
         # prompt: <bos> VC (V = r ;) (V = V + c ;)*(n-1) ? V = 6n + 2
-        # target: (V v ;)*n A : v <eos> = 3n + 4
-        return 9 * self.n_vars + 6
+        if self.cot == "forward":  # target: (V v ;)*n A : v <eos> = 3n + 4
+            return 9 * self.n_vars + 6
+        # target: (V = V + c s ;)*(n-1) V = r s ; A : s <eos> = 7(n-1) + 5 + 4 = 7n + 2
+        return 13 * self.n_vars + 4
 
     def sample(self, rng: np.random.Generator) -> Example:
         rng = self._check_rng(rng)
@@ -162,5 +181,13 @@ class VarChain(Task):
             values.append((values[-1] + c) % 10)
         prompt = " ".join(["VC"] + [defs[int(j)] for j in order] + ["?", names[-1]])
         answer = str(values[-1])
-        target = " ".join([f"{v} {x} ;" for v, x in zip(names, values)] + ["A", ":", answer])
+        if self.cot == "forward":
+            steps = [f"{v} {x} ;" for v, x in zip(names, values)]
+        else:
+            steps, seen = [], 0
+            for j in range(n - 1, 0, -1):
+                seen = (seen + int(increments[j - 1])) % 10
+                steps.append(f"{names[j]} = {names[j - 1]} + {int(increments[j - 1])} {seen} ;")
+            steps.append(f"{names[0]} = {int(root)} {(seen + int(root)) % 10} ;")
+        target = " ".join(steps + ["A", ":", answer])
         return Example(self.name, prompt, target, answer)
