@@ -7,9 +7,9 @@ point, RDKV against the baselines that can be sized to a byte budget.
 Budgets are fractions of the full cache's bytes (RDKV counts codes, scales, zero-points, positions
 and its 16-bit window; SnapKV's budget is the fraction of prompt tokens, whose bytes are that
 fraction plus 8 bytes of indices per token: see measured_budget). Scaled to the 224-token prompts:
-window 4 (the recipe's 32 is 14% of such a prompt). The issue's 1% point is not run: 1% of a
-224-token prompt is 2.2 tokens' worth of bytes, less than the 4-token window every method keeps
-whole (the policies refuse it with a ValueError). KIVI-2/4 and int8 have one fixed size each and
+window 4 (the recipe's 32 is 14% of such a prompt). The issue's 1% point is in
+configs/eval_rdkv_1pct_tiny.py: 1% of a 224-token prompt is 2.2 tokens' worth of bytes, less than
+the 4-token window kept whole here, so it runs with nothing kept whole. KIVI-2/4 and int8 have one fixed size each and
 are evaluated once, in configs/eval_quant_tiny.py.
 """
 from configs.eval_longctx_tiny import LONG_CONTEXT

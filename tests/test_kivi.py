@@ -250,5 +250,24 @@ def test_bad_settings(make, match):
 
 
 def test_snapkv_kivi_budget_below_the_window_is_refused():
-    with pytest.raises(ValueError, match="window=4"):
+    with pytest.raises(ValueError, match="whole=4"):
         SnapKVKIVI(budget=0.01, window=4).n_slots(64, 2, 8, 4)
+    with pytest.raises(ValueError, match="whole=5"):
+        SnapKVKIVI(window=4, whole=5)
+
+
+def test_snapkv_kivi_with_nothing_whole_fits_a_tiny_budget():
+    cache, obs, _, _ = _layer()
+    policy = SnapKVKIVI(budget=0.03, window=WIN, kernel=3, group_size=8, whole=0)
+    out = _compress(policy, cache, obs)
+    dense_prompt = KH * T * 2 * D * 4 + 4
+    prompt_part = (out.nbytes() - 2 * B * KH * obs.extra_capacity * D * 4) / B
+    assert 0 < out.n_slots and prompt_part <= 0.03 * dense_prompt
+    assert (np.asarray(out.whole_lengths) == 0).all()
+    # the window is still always kept: quantised now, among the kept positions
+    pos = np.asarray(out.positions)
+    q_len = np.asarray(out.q_lengths)
+    for b, length in enumerate(LENGTHS):
+        if q_len[b] >= WIN:
+            for h in range(KH):
+                assert set(range(length - WIN, length)) <= set(pos[b, h].tolist())

@@ -104,6 +104,23 @@ def test_budget_is_met_per_layer_and_more_budget_lowers_the_error():
     assert errors[2] < 0.1, errors  # K at 4 bits per channel on average
 
 
+def test_nothing_whole_fits_a_budget_below_the_window():
+    cache, obs, q = _layer()
+    dense_prompt = KH * T * 2 * D * 4 + 4
+    with pytest.raises(ValueError, match="whole=4"):
+        _compress(RDKV(budget=0.03, window=WIN, kernel=3), cache, obs)
+    policy = RDKV(budget=0.03, window=WIN, kernel=3, whole=0)
+    out = _compress(policy, cache, obs)
+    prompt_part = (out.nbytes() - 2 * B * KH * obs.extra_capacity * D * 4) / B
+    assert prompt_part <= 0.03 * dense_prompt
+    assert (np.asarray(out.whole_lengths) == 0).all()
+    bits, w = map(np.asarray, _bits_and_weights(policy, out, cache, obs))
+    assert (bits < 16).all() and (bits > 0).any()  # the window competes for bits like the rest
+    for b, n in enumerate(np.asarray(obs.lengths)):
+        assert (w[b, :, n - WIN:n] > 0).all()  # the window tokens are candidates now
+    assert np.isfinite(np.asarray(_attend(out, q))).all()
+
+
 def _prompts(model):
     rng = np.random.default_rng(0)
     return [rng.integers(4, model.config.vocab_size, size=n).tolist() for n in (70, 45)]
@@ -156,6 +173,7 @@ def test_default_eps_is_the_published_table():
     (dict(k_bits=0), "k_bits"),
     (dict(kernel=4), "kernel"),
     (dict(window=0), "window"),
+    (dict(whole=-1), "whole"),
     (dict(eps={"k": {2: 0.1, 4: 0.01, 8: 1e-4}, "v": {3: 0.1}}), r"\{0, 2, 4, 8, 16\}"),
     (dict(eps={"k": {2: 0.1, 4: 0.01, 8: 1e-4}, "v": {2: 0.1}}), "bits=4"),
 ])
@@ -172,7 +190,7 @@ def test_bad_factory_settings_and_a_budget_below_the_window(tmp_path):
         make_policy("rdkv", 0.5, model, eps=DEFAULT_EPS, eps_path=str(tmp_path / "x.json"))
     with pytest.raises(FileNotFoundError):
         make_policy("rdkv", 0.5, model, eps_path=str(tmp_path / "missing.json"))
-    # 1% of a 64-token prompt cannot even hold the 4-token window
-    with pytest.raises(ValueError, match="window=4"):
+    # 1% of a 64-token prompt cannot even hold the 4-token window whole
+    with pytest.raises(ValueError, match="whole=4"):
         jaxkv.generate(model, [list(range(4, 68))], 2, policy=make_policy("rdkv", 0.01, model,
                                                                           window=4))

@@ -187,19 +187,26 @@ class Int8(Policy):
 @dataclasses.dataclass(frozen=True)
 class SnapKVKIVI(Policy):
     """SnapKV eviction, then KIVI on the kept tokens, sized so the prompt part is at most `budget`
-    of the dense prompt cache bytes. window: observation window, kept whole; kernel: pooling
-    (odd); bits: KIVI width (4 in the registered "snapkv_kivi4"); group_size: as KIVI's."""
+    of the dense prompt cache bytes. window: observation window (always kept); whole: how many of
+    its last tokens stay in the cache dtype (None: all of it; the others are quantised like every
+    kept token); kernel: pooling (odd); bits: KIVI width (4 in the registered "snapkv_kivi4");
+    group_size: as KIVI's."""
 
     budget: float = 0.2
     window: int = 32
     kernel: int = 5
     bits: int = 4
     group_size: int = 32
+    whole: Optional[int] = None
 
     name = "snapkv_kivi"
 
     def __post_init__(self):
         check_snap_settings(self.budget, self.window, self.kernel)
+        whole = self.window if self.whole is None else _check_int("whole", self.whole, 0)
+        if whole > self.window:
+            raise ValueError(f"whole={whole}: at most the window ({self.window}) is kept whole")
+        object.__setattr__(self, "whole", whole)
         _check_kivi_bits(self.bits)
         _check_int("group_size", self.group_size, 1)
 
@@ -211,7 +218,7 @@ class SnapKVKIVI(Policy):
         nv = head_dim // _v_group(self.group_size, head_dim)
         per_head = (2 * n * quant.packed_length(head_dim, self.bits) + 4 * n * nv + 4 * n
                     + 4 * math.ceil(n / self.group_size) * head_dim
-                    + 2 * self.window * head_dim * itemsize)
+                    + 2 * self.whole * head_dim * itemsize)
         return kv_heads * per_head + 8  # + q_lengths, whole_lengths
 
     def n_slots(self, t: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
@@ -220,10 +227,10 @@ class SnapKVKIVI(Policy):
         if self._bytes(0, kv_heads, head_dim, itemsize) > total:
             raise ValueError(
                 f"budget={self.budget}: {total} bytes per sequence for a {t}-token prompt, fewer "
-                f"than the window (window={self.window} tokens kept whole) takes; raise the "
-                f"budget or shrink the window")
+                f"than the tokens kept whole (whole={self.whole}) take; raise the budget or "
+                f"keep fewer tokens whole")
         per = kivi_token_bytes(self.bits, head_dim, self.group_size) + 4
-        n = min(max(t - self.window, 0), int(total / (kv_heads * per)) + 1)
+        n = min(max(t - self.whole, 0), int(total / (kv_heads * per)) + 1)
         while n > 0 and self._bytes(n, kv_heads, head_dim, itemsize) > total:
             n -= 1
         return n
@@ -234,7 +241,7 @@ class SnapKVKIVI(Policy):
         item = jnp.dtype(cache.k.dtype).itemsize
         n = self.n_slots(t, kh, d, item)
         lengths = obs.lengths.astype(jnp.int32)
-        n_win = jnp.minimum(self.window, lengths)
+        n_win = jnp.minimum(self.whole, lengths)
         # per sequence: as many tokens as its own length's budget allows (float32 arithmetic)
         total = jnp.floor(self.budget * (kh * lengths.astype(jnp.float32) * 2 * d * item + 4))
         avail = (total - self._bytes(0, kh, d, item)) / kh
@@ -243,8 +250,8 @@ class SnapKVKIVI(Policy):
                          jnp.minimum(n, lengths - n_win))  # [B]
         scores = prepare_scores(snapkv_scores(cache, obs, self.window, self.kernel), lengths,
                                 self.window)
-        keep = select_per_head(scores, n_row + n_win, n + self.window)  # [B, K, T]
-        sel = keep & ~window_mask(lengths, t, self.window)[:, None, :]
+        keep = select_per_head(scores, n_row + n_win, n + self.whole)  # [B, K, T]
+        sel = keep & ~window_mask(lengths, t, self.whole)[:, None, :]
         order = jnp.arange(t, dtype=jnp.int32)[None, None, :]
         if n:
             _, idx = jax.lax.top_k(-jnp.where(sel, order, t + order), n)  # [B, K, N] ascending
@@ -254,7 +261,7 @@ class SnapKVKIVI(Policy):
         gather = lambda x: jnp.take_along_axis(x, idx[..., None], axis=2)
         arrays = _kivi_quantize(gather(cache.k), gather(cache.v), valid, self.bits,
                                 self.group_size)
-        wk, wv, wl = _whole_zone(cache.k, cache.v, lengths, n_win, self.window,
+        wk, wv, wl = _whole_zone(cache.k, cache.v, lengths, n_win, self.whole,
                                  obs.extra_capacity)
         arrays["k_scale"] = jnp.where(finite, arrays["k_scale"], jnp.nan)
         return QuantizedCache(**arrays, positions=jnp.where(valid, idx, -1).astype(jnp.int32),
@@ -294,10 +301,12 @@ def _int8(budget: float, model, window: Optional[int] = None):
 
 @register_method("snapkv_kivi4")
 def _snapkv_kivi4(budget: float, model, window: int = 32, kernel: int = 5,
-                  group_size: int = 32):
-    """SnapKV eviction + KIVI-4 on the kept tokens, at `budget` of the dense prompt cache bytes."""
+                  group_size: int = 32, whole: Optional[int] = None):
+    """SnapKV eviction + KIVI-4 on the kept tokens, at `budget` of the dense prompt cache bytes;
+    whole: recent tokens kept in the cache dtype (None: the window)."""
     _check_window(model, window)
-    return SnapKVKIVI(budget=budget, window=window, kernel=kernel, bits=4, group_size=group_size)
+    return SnapKVKIVI(budget=budget, window=window, kernel=kernel, bits=4, group_size=group_size,
+                      whole=whole)
 
 
 __all__ = ["KIVI", "Int8", "SnapKVKIVI", "kivi_token_bytes"]

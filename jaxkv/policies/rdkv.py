@@ -3,8 +3,10 @@ section 3), stored in a `jaxkv.cache.MixedCache`.
 
 Per layer, right after prefill (`compress_layer`, so only one layer's dense cache ever exists):
 
-1. The last `window` prompt tokens are kept whole (K and V in the cache dtype) in the whole zone,
-   which also receives the tokens generated while decoding. Everything else competes for bits.
+1. The last `whole` prompt tokens (default: the `window` observation tokens) are kept whole (K
+   and V in the cache dtype) in the whole zone, which also receives the tokens generated while
+   decoding. Everything else competes for bits (with `whole=0` the window tokens too, which is
+   what fits a budget of a token or two, e.g. 1% of a 224-token prompt).
 2. V token weights: w_t = attention the `window` last prompt queries (all G query heads of the KV
    head) pay to token t, divided by G times the number of window queries that can see t, then
    1-D average-pooled with `kernel` (as SnapKV pools).
@@ -94,8 +96,9 @@ def freeze_eps(eps) -> Tuple:
 class RDKV(Policy):
     """Rate-distortion bit allocation over tokens (V) and channels (K); see module docstring.
 
-    budget: fraction of the layer's dense prompt cache bytes, in (0, 1]; window: recent prompt
-    tokens kept whole (they are also the observation window); kernel: pooling of the V weights
+    budget: fraction of the layer's dense prompt cache bytes, in (0, 1]; window: the observation
+    window (last prompt queries whose attention weighs the tokens); whole: recent prompt tokens
+    kept whole (None: the window; 0: none, all compete for bits); kernel: pooling of the V weights
     (odd); k_bits: average K bits per channel of every kept token (1..8; k_bits * D a multiple of
     8); bit_widths: V widths allowed, from {0, 2, 4, 8, 16}, including 0; eps: the distortion table
     (dict or frozen), default DEFAULT_EPS."""
@@ -106,12 +109,15 @@ class RDKV(Policy):
     k_bits: int = 4
     bit_widths: Tuple[int, ...] = quant.BIT_WIDTHS
     eps: Any = None
+    whole: Optional[int] = None  # recent prompt tokens kept whole; None: `window`
 
     name = "rdkv"
 
     def __post_init__(self):
         check_budget(self.budget)
         _check_int("window", self.window, 1)
+        object.__setattr__(self, "whole", self.window if self.whole is None
+                           else _check_int("whole", self.whole, 0))
         _check_int("kernel", self.kernel, 1)
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel={self.kernel}: the pooling kernel must be odd")
@@ -146,7 +152,7 @@ class RDKV(Policy):
     def fixed_bytes_per_sequence(self, kv_heads: int, head_dim: int, itemsize: int) -> int:
         """Prompt-part bytes outside the arena per sequence: every head's window and K metadata,
         plus the cache's two int32 lengths."""
-        return kv_heads * MixedCache.fixed_bytes_per_head(head_dim, self.window, itemsize) + 8
+        return kv_heads * MixedCache.fixed_bytes_per_head(head_dim, self.whole, itemsize) + 8
 
     def dense_prompt_bytes(self, length, kv_heads: int, head_dim: int, itemsize: int):
         """Bytes of a dense prompt cache of `length` tokens per sequence (K, V and lengths)."""
@@ -160,8 +166,8 @@ class RDKV(Policy):
         if total < fixed:
             raise ValueError(
                 f"budget={self.budget}: {total} bytes per sequence for a {t}-token prompt, fewer "
-                f"than the {fixed} that the window (window={self.window} tokens kept whole) and "
-                f"the per-channel K scales take; raise the budget or shrink the window")
+                f"than the {fixed} that the tokens kept whole (whole={self.whole}) and the "
+                f"per-channel K scales take; raise the budget or keep fewer tokens whole")
         return (total - fixed) // kv_heads
 
     # ---- weights --------------------------------------------------------------------------------
@@ -177,7 +183,8 @@ class RDKV(Policy):
         seen = visible.sum(1).astype(jnp.float32)  # [B, T]
         mass = probs.sum(axis=(2, 3)) / (g * jnp.maximum(seen, 1.0))[:, None, :]
         pooled = avg_pool(mass, self.kernel)
-        candidate = pos[:, 0] < (obs.lengths - jnp.minimum(w, obs.lengths))[:, None]  # [B, T]
+        n_whole = jnp.minimum(self.whole, obs.lengths)
+        candidate = pos[:, 0] < (obs.lengths - n_whole)[:, None]  # [B, T]
         return jnp.where(candidate[:, None, :], pooled, 0.0)
 
     def channel_weights(self, cache, obs, kept) -> jax.Array:
@@ -218,7 +225,7 @@ class RDKV(Policy):
         channels = allocate_channel_bits(u, eps["k"], 8 * r, max_bits=8, kept_tokens=1,
                                          overhead_bits_per_channel=0)
         out = MixedCache.from_allocation(cache.k, cache.v, obs.lengths, alloc.bits,
-                                         channels.bits, window=self.window, arena_bytes=p,
+                                         channels.bits, window=self.whole, arena_bytes=p,
                                          k_row_bytes=r, extra_capacity=obs.extra_capacity)
         # a non-finite input poisons the output (generate then raises, see check_finite_caches)
         return out.replace(whole_k=jnp.where(finite, out.whole_k, jnp.nan))
@@ -290,10 +297,10 @@ def load_calibration(path, model) -> quant.EpsTable:
 @register_method("rdkv")
 def _rdkv(budget: float, model, window: int = 32, kernel: int = 5, k_bits: int = 4,
           bit_widths: Sequence[int] = quant.BIT_WIDTHS, eps: Optional[Mapping] = None,
-          eps_path: Optional[str] = None):
+          eps_path: Optional[str] = None, whole: Optional[int] = None):
     """RDKV at `budget` of each layer's dense prompt cache bytes. eps: a table; eps_path: a file
     from save_calibration for this model; neither: <model.path>/rdkv_eps.json if present, else
-    DEFAULT_EPS."""
+    DEFAULT_EPS. whole: recent prompt tokens kept whole (None: the window)."""
     if window > model.config.max_position_embeddings:
         raise ValueError(f"window={window}: larger than the model's context "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
@@ -306,7 +313,7 @@ def _rdkv(budget: float, model, window: int = 32, kernel: int = 5, k_bits: int =
     if eps_path is not None:
         eps = load_calibration(eps_path, model)
     return RDKV(budget=budget, window=window, kernel=kernel, k_bits=k_bits,
-                bit_widths=tuple(bit_widths), eps=eps)
+                bit_widths=tuple(bit_widths), eps=eps, whole=whole)
 
 
 __all__ = ["RDKV", "DEFAULT_EPS", "calibrate_model", "save_calibration", "load_calibration",
