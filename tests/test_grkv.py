@@ -85,6 +85,44 @@ def test_the_ridge_round_lowers_the_reference_error():
     assert improved == 8  # a cache that drops 60% of the tokens can always be improved
 
 
+def test_solving_on_the_gathered_kept_tokens_equals_the_masked_solve():
+    """grkv_adjust(max_kept=S) gathers each head's kept tokens into S slots before the solve;
+    the dropped tokens take no part in the compressed attention, so the result is the masked
+    solve over all T tokens (up to float32 rounding) and nothing else moves."""
+    from jaxkv.model.decoder import LayerObservation
+    from jaxkv.policies.grkv import grkv_adjust
+    rng = np.random.default_rng(1)
+    b, kh, h, t, d, win, n_ref = 2, 2, 4, 48, 8, 4, 6
+    k = jnp.asarray(rng.normal(size=(b, kh, t, d)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, kh, t, d)), jnp.float32)
+    lengths = jnp.asarray([t, 37], jnp.int32)
+    pos = jnp.concatenate([last_positions(lengths, win), reference_positions(lengths, n_ref)], 1)
+    obs = LayerObservation(queries=jnp.asarray(rng.normal(size=(b, h, win + n_ref, d)), jnp.float32),
+                           query_positions=pos, lengths=lengths, o_proj=jnp.zeros((h * d, 4)),
+                           inv_freq=jnp.asarray(rope_inv_freq(tiny_config(head_dim=d))), layer=0,
+                           extra_capacity=2, scale=d ** -0.5)
+    valid = np.arange(t)[None, :] < np.asarray(lengths)[:, None]
+    keep = (rng.uniform(size=(b, kh, t)) < 0.3) & valid[:, None]
+    for i, n in enumerate(np.asarray(lengths)):
+        keep[i, :, n - win:n] = True
+    most = int(keep.sum(-1).max())
+    scores = jnp.asarray(rng.uniform(size=(b, kh, t)), jnp.float32)
+    run = jax.jit(lambda m: grkv_adjust(k, v, jnp.asarray(keep), scores, obs, window=win,
+                                        n_ref=n_ref, ref_weight=6 / 32, guard=0.1, lam=0.01,
+                                        v_cap=10.0, k_cap=10.0, cg_iters=16, cg_tol=1e-6,
+                                        max_kept=m), static_argnums=0)
+    k_full, v_full, st_full = run(None)
+    k_c, v_c, st_c = run(most)
+    assert most < t
+    np.testing.assert_allclose(np.asarray(k_c), np.asarray(k_full), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(v_c), np.asarray(v_full), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(st_c.objective), np.asarray(st_full.objective),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(k_c)[~keep], np.asarray(k)[~keep])
+    np.testing.assert_array_equal(np.asarray(v_c)[~keep], np.asarray(v)[~keep])
+    assert (np.asarray(st_c.choice) > 0).any()  # something was adjusted
+
+
 def test_reference_positions_are_slice_midpoints():
     pos = np.asarray(reference_positions(jnp.asarray([64, 100]), 4))
     np.testing.assert_array_equal(pos, [[8, 24, 40, 56], [12, 37, 62, 87]])

@@ -13,6 +13,8 @@ queries:
   the prompt), their post-RoPE queries re-rotated as if they stood at the last prompt position
   (RoPE composes: R(last) = R(last - p) R(p)), weight w_q = 6 / 32; y_q their full-cache
   attention outputs (per query head, before the output projection).
+* the solve runs on each head's kept tokens only, gathered into K * n_max slots (the layer's
+  total), so its cost scales with the budget, not with T (`grkv_adjust(max_kept=...)`);
 * one round: exact value step in the (G*Q)-dim dual, dV = A^T (A A^T + lam I)^-1 R, capped at
   0.1 ||V0_mutable||_F; linearised key step dK = J^T (J J^T + lam I)^-1 r by conjugate gradients
   (16 iterations, tol 1e-6) with Jacobian-vector products, capped at 0.025 ||K0_mutable||_F;
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -99,16 +101,19 @@ def ridge_adjust_head(q, y, sw, k0, v0, keep, mutable, *, scale: float, lam: flo
     dv = ridge_value_step(a, r, lam)  # [T, D]
     dv = cap(dv, v0, v_cap)
     v1 = v0 + dv
+    out_v = out0 + p @ dv  # V only: the keys, hence the probabilities, are unchanged
 
     # key step (linearised, conjugate gradients in the dual)
     def g(dk):  # weighted outputs as a function of the mutable keys' change
         out, _ = _attend(q, k0 + dk * mut, v1, keep, scale)
         return sw[:, None] * out
 
-    base, vjp = jax.vjp(g, jnp.zeros_like(k0))
+    # one linearisation serves every CG iteration: J and J^T without recomputing the primal
+    base, jvp = jax.linearize(g, jnp.zeros_like(k0))
     r1 = sw[:, None] * y - base  # [R, D]
-    jt = lambda u: vjp(u)[0]  # J^T u: [R, D] -> [T, D]
-    jj = lambda u: jax.jvp(g, (jnp.zeros_like(k0),), (jt(u),))[1] + lam * u
+    jt_fn = jax.linear_transpose(jvp, jnp.zeros_like(k0))
+    jt = lambda u: jt_fn(u)[0]  # J^T u: [R, D] -> [T, D]
+    jj = lambda u: jvp(jt(u)) + lam * u
 
     def cg(bvec):
         x = jnp.zeros_like(bvec)
@@ -132,8 +137,10 @@ def ridge_adjust_head(q, y, sw, k0, v0, keep, mutable, *, scale: float, lam: flo
     dk = jt(cg(r1)) * mut
     dk = cap(dk, k0, k_cap)
 
-    zeros = jnp.zeros_like(k0)
-    objs = jnp.stack([objective(zeros, zeros), objective(zeros, dv), objective(dk, dv)])
+    def error(out):
+        return ((sw[:, None] * (out - y)) ** 2).sum()
+
+    objs = jnp.stack([error(out0), error(out_v) + lam * (dv ** 2).sum(), objective(dk, dv)])
     choice = jnp.argmin(objs).astype(jnp.int32)
     k_new = jnp.where(choice == 2, k0 + dk, k0)
     v_new = jnp.where(choice >= 1, v1, v0)
@@ -150,11 +157,24 @@ def guard_mask(keep: jax.Array, scores: jax.Array, forced: jax.Array, guard: flo
     return cand & (rank < n_guard)
 
 
+def kept_first(keep: jax.Array, s: int):
+    """The first s positions of each head with its kept tokens first, in position order:
+    (idx int32 [B, K, s], valid bool [B, K, s]); valid counts the kept ones (all of them when a
+    head keeps at most s)."""
+    t = keep.shape[-1]
+    order = jnp.arange(t, dtype=jnp.int32)
+    _, idx = jax.lax.top_k(-jnp.where(keep, order, t + order), s)
+    return idx, jnp.take_along_axis(keep, idx, axis=-1)
+
+
 def grkv_adjust(k, v, keep, scores, obs, *, window: int, n_ref: int, ref_weight: float,
                 guard: float, lam: float, v_cap: float, k_cap: float, cg_iters: int,
-                cg_tol: float):
+                cg_tol: float, max_kept: Optional[int] = None):
     """GRKV on one layer: k, v [B, K, T, D], keep [B, K, T], raw scores [B, K, T];
-    obs.queries[:, :, window:window + n_ref] are the reference queries.
+    obs.queries[:, :, window:window + n_ref] are the reference queries. max_kept: a static bound
+    on the tokens any head keeps (None: T); the solve then runs on each head's kept tokens
+    gathered into max_kept slots instead of on all T masked ones (the dropped tokens take no
+    part in the compressed attention), which is the same problem at max_kept / T of the cost.
     Returns (k', v' [B, K, T, D] in the cache dtype, RidgeStats)."""
     b, kh, t, d = k.shape
     lengths = obs.lengths
@@ -174,7 +194,19 @@ def grkv_adjust(k, v, keep, scores, obs, *, window: int, n_ref: int, ref_weight:
     fn = lambda q_, y_, k_, v_, keep_, mut_: ridge_adjust_head(
         q_, y_, sw, k_, v_, keep_, mut_, scale=obs.scale, lam=lam, v_cap=v_cap, k_cap=k_cap,
         cg_iters=cg_iters, cg_tol=cg_tol)
-    k_new, v_new, objs, choice = jax.vmap(jax.vmap(fn))(q_ref, y, kf, vf, keep, mutable)
+    solve = jax.vmap(jax.vmap(fn))
+    if max_kept is None or max_kept >= t:
+        k_new, v_new, objs, choice = solve(q_ref, y, kf, vf, keep, mutable)
+    else:
+        idx, valid = kept_first(keep, max_kept)  # [B, K, S]
+        take = lambda x: jnp.take_along_axis(x, idx[..., None], axis=2)
+        kc, vc, objs, choice = solve(q_ref, y, take(kf), take(vf), valid,
+                                     jnp.take_along_axis(mutable, idx, axis=2) & valid)
+        # back in place: only mutable slots changed; the other gathered slots are rewritten as
+        # they were (idx holds distinct positions per head)
+        bi = jnp.arange(b)[:, None, None]
+        hi = jnp.arange(kh)[None, :, None]
+        k_new, v_new = kf.at[bi, hi, idx].set(kc), vf.at[bi, hi, idx].set(vc)
     return k_new.astype(k.dtype), v_new.astype(v.dtype), RidgeStats(objs, choice)
 
 
@@ -222,10 +254,14 @@ class GRKV(CriticalKV):
 
     def adjust(self, layer, k, v, keep, scores, cache, obs):
         k_cap = self.k_cap if self.update_keys else 0.0
+        # a layer keeps at most K * n_max tokens in all (the SparseCache's slots), so no head
+        # keeps more than that
+        t = k.shape[2]
         k_new, v_new, _ = grkv_adjust(
             k, v, keep, scores, obs, window=self.window, n_ref=self.n_ref,
             ref_weight=self.ref_weight, guard=self.guard, lam=self.lam, v_cap=self.v_cap,
-            k_cap=k_cap, cg_iters=self.cg_iters, cg_tol=self.cg_tol)
+            k_cap=k_cap, cg_iters=self.cg_iters, cg_tol=self.cg_tol,
+            max_kept=min(t, k.shape[1] * self.n_max(layer, t)))
         return k_new, v_new
 
 
@@ -236,5 +272,5 @@ def _grkv(budget: float, model, window: int = 32, kernel: int = 5, n_ref: int = 
     return GRKV(budget=budget, n_ref=n_ref, lam=lam, **_settings(model, window, kernel))
 
 
-__all__ = ["GRKV", "grkv_adjust", "ridge_adjust_head", "ridge_value_step", "reference_positions", "rotate_to",
+__all__ = ["GRKV", "grkv_adjust", "kept_first", "ridge_adjust_head", "ridge_value_step", "reference_positions", "rotate_to",
            "guard_mask", "RidgeStats"]
