@@ -52,6 +52,12 @@ BENCHMARK_TASKS = tuple(t for t in EVAL_TASKS if t.name in BENCHMARK)
 #     variable_tracking 0.00. Teacher-forced token accuracy on var_chain stayed at ~0.45 (the
 #     step that finds the definition naming the previous variable on its right-hand side was
 #     never learnt), on variable_tracking at ~0.4-0.5.
+#   attempted run 4 (not shipped): run 3 + a fine-tune (PretrainConfig(base=...)) on var_chain in
+#     its backward form (cot="backward", alone it reached 0.93 token accuracy at 6 variables in
+#     600 steps) with every other task replayed, fresh AdamW at peak 1e-3: after 1150 of 2000
+#     steps var_chain was at 0.81 teacher-forced token accuracy (0 exact) and running_sum had
+#     broken (0.82 at 24 digits, greedy exact 0/50 at 16): the two look-ups compete for the same
+#     heads. Stopped; a next try should train var_chain's backward form from the first stage.
 def _mix(n_digits, n_vars, length, n_keys):
     return (
         TaskMix("running_sum", 2.0, (("n_digits", n_digits),)),

@@ -287,13 +287,13 @@ def test_running_sum_hand_worked():
 
 def test_var_chain_hand_worked():
     # chain X5 = 3 ; X9 = X5 + 4 (=7) ; X2 = X9 + 7 (=14 -> 4); listed in order [2, 0, 1]
-    ex = VarChain(n_vars=3, cot="forward").make_example(["X5", "X9", "X2"], 3, [4, 7], [2, 0, 1])
+    ex = VarChain(n_vars=3).make_example(["X5", "X9", "X2"], 3, [4, 7], [2, 0, 1])  # forward
     assert ex.prompt == "VC X2 = X9 + 7 ; X5 = 3 ; X9 = X5 + 4 ; ? X2"
     assert ex.target == "X5 3 ; X9 7 ; X2 4 ; A : 4"
     assert ex.answer == "4"
-    # backward (the default): from X2 to the root, increments summed on the way:
+    # backward: from X2 to the root, increments summed on the way:
     # 7 -> 7, + 4 -> 11 -> 1, + root 3 -> 4 = the value of X2
-    ex = VarChain(n_vars=3).make_example(["X5", "X9", "X2"], 3, [4, 7], [2, 0, 1])
+    ex = VarChain(n_vars=3, cot="backward").make_example(["X5", "X9", "X2"], 3, [4, 7], [2, 0, 1])
     assert ex.prompt == "VC X2 = X9 + 7 ; X5 = 3 ; X9 = X5 + 4 ; ? X2"
     assert ex.target == "X2 = X9 + 7 7 ; X9 = X5 + 4 1 ; X5 = 3 4 ; A : 4"
     assert ex.answer == "4"
@@ -322,8 +322,8 @@ def test_running_sum_lookups_are_far_back():
         assert min(distances) == 2 * 32 + 1  # exactly 2n + 1 + 3k
 
 
-def test_var_chain_lookups_are_far_back():
-    task = VarChain()
+def test_var_chain_backward_lookups_are_far_back():
+    task = VarChain(cot="backward")
     distances = []
     for ex in sample_examples(task, 10, seed=4):
         seq = [vocab.ID_TO_TOKEN[i] for i in ex.prompt_ids + ex.target_ids]
@@ -340,8 +340,8 @@ def test_var_chain_lookups_are_far_back():
     assert np.mean(distances > 20) >= 0.9 and np.median(distances) > 80
 
 
-def test_var_chain_forward_lookups_are_far_back():
-    task = VarChain(cot="forward")
+def test_var_chain_lookups_are_far_back():
+    task = VarChain()
     distances = []
     for ex in sample_examples(task, 10, seed=4):
         seq = [vocab.ID_TO_TOKEN[i] for i in ex.prompt_ids + ex.target_ids]
@@ -375,7 +375,7 @@ def test_retrieval_depth_setting():
         (lambda: RunningSum(n_digits=2.5), r"n_digits=2.5"),
         (lambda: RunningSum(n_digits=True), r"n_digits=True"),
         (lambda: VarChain(n_vars=33), r"n_vars=33 .*\[2, 32\]"),
-        (lambda: VarChain(cot="sideways"), r"cot='sideways' .*backward, forward"),
+        (lambda: VarChain(cot="sideways"), r"cot='sideways' .*forward, backward"),
         (lambda: NiahSingle(length=63), r"length=63 .*\[64, 8192\]"),
         (lambda: Passkey(length=8193), r"length=8193"),
         (lambda: NiahSingle(depth=1.5), r"depth=1.5"),

@@ -100,30 +100,31 @@ class VarChain(Task):
     ``n_vars`` distinct names from ``X0..X31`` (r, c_j random digits, values mod 10). The
     prompt lists the definitions in random order: ``VC <defs> ? V_{n-1}``.
 
-    ``cot="backward"`` (the default): the chain of thought starts at the queried variable and
-    follows its definition back to the root, copying each definition and keeping the sum of the
-    increments seen so far (mod 10):
+    ``cot="forward"`` (the default, the form the shipped embedded model was trained on): the
+    chain of thought walks from the root, ``V_0 v_0 ; V_1 v_1 ; ... ; A : v_{n-1}``; step j must
+    find the definition that mentions ``V_{j-1}`` on its right-hand side and read the name two
+    tokens before it. Length: ``9 * n_vars + 6`` (150 at the default).
+
+    ``cot="backward"``: the chain of thought starts at the queried variable and follows its
+    definition back to the root, copying each definition and keeping the sum of the increments
+    seen so far (mod 10):
     ``V_{n-1} = V_{n-2} + c_{n-1} s ; ... ; V_1 = V_0 + c_1 s ; V_0 = r s ; A : s``, where the
     last ``s`` (increments + root) is the value of ``V_{n-1}``. Step k finds the definition of
     the variable it has just written (the one with that name left of ``=``), somewhere in the
-    prompt, and copies its right-hand side. Length: ``13 * n_vars + 4`` (212 at the default).
+    prompt, and copies its right-hand side. Length: ``13 * n_vars + 4`` (212 at 16 variables).
 
-    ``cot="forward"``: the chain of thought walks from the root,
-    ``V_0 v_0 ; V_1 v_1 ; ... ; A : v_{n-1}``; step j must find the definition that mentions
-    ``V_{j-1}`` on its right-hand side and read the name two tokens before it. The embedded
-    model's first 2,300 training steps used this form; it never got past ~0.45 teacher-forced
-    token accuracy on it (and still did not at 6 variables after 150 more steps), while the
-    backward form's look-up by the name left of ``=`` reached 0.93 in 600 steps at 6 variables.
-    Length: ``9 * n_vars + 6``.
+    The embedded model never got past ~0.45 teacher-forced token accuracy on the forward form in
+    2,300 steps (nor at 6 variables after 150 more); fine-tuned on the backward form alone it
+    reached 0.93 in 600 steps at 6 variables (configs/tiny.py: run history).
     """
 
     name: ClassVar[str] = "var_chain"
     family: ClassVar[str] = "reasoning"
 
     n_vars: int = 16  # allowed 2..32 (distinct names X0..X31)
-    cot: str = "backward"  # "backward" or "forward"
+    cot: str = "forward"  # "forward" or "backward"
 
-    COTS: ClassVar[tuple[str, ...]] = ("backward", "forward")
+    COTS: ClassVar[tuple[str, ...]] = ("forward", "backward")
 
     def __post_init__(self):
         self._check_int("n_vars", 2, len(VAR_TOKENS))
