@@ -1,4 +1,4 @@
-"""`python -m train <command> [options]`. Commands: pretrain, rlkv, duo, eval, demo."""
+"""`python -m train <command> [options]`. Commands: pretrain, rlkv, duo, eval, calibrate, demo."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +35,12 @@ def main(argv=None) -> int:
     e.add_argument("--n", type=int, default=None, help="override samples per point")
     e.add_argument("--no-progress", action="store_true")
 
+    c = sub.add_parser("calibrate", help="RDKV eps(b) table of a model -> <model>/rdkv_eps.json")
+    c.add_argument("--model", default=None, help="local HF-style folder (default: embedded)")
+    c.add_argument("--out", default=None, help="default: <model>/rdkv_eps.json")
+    c.add_argument("--n", type=int, default=8, help="prompts per embedded task")
+    c.add_argument("--prompts", default=None, help='JSONL of {"prompt": ...} instead of tasks')
+
     d = sub.add_parser("demo", help="train the embedded model if absent, then evaluate")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--n", type=int, default=None, help="samples per point (default: config)")
@@ -60,6 +66,9 @@ def main(argv=None) -> int:
         from train.evaluate import run_eval
         run_eval(args.config, args.out, model_path=args.model, n=args.n,
                  progress=not args.no_progress)
+    elif args.command == "calibrate":
+        from train.calibrate import run_calibration
+        run_calibration(args.model, args.out, n=args.n, prompts_file=args.prompts)
     elif args.command == "demo":
         from train.demo import run_demo
         run_demo(args.out, n=args.n)
