@@ -9,6 +9,7 @@ only when tests/ itself is on sys.path, i.e. without tests/__init__.py).
   tiny_model(seed, **changes) -> jaxkv.Model with random parameters of tiny_config
   tiny_hf_config(arch, **overrides) -> a transformers config of the same tiny shape
   tiny_hf_checkpoint(arch, tmp_path, **overrides) -> (folder, torch model) via save_pretrained
+  SeededRng, normal(rng, shape, dtype) -> random kernel inputs (fixtures: tests/conftest.py)
 """
 from __future__ import annotations
 
@@ -63,6 +64,20 @@ def assert_close(actual, expected, dtype, err_msg: str = "", **override) -> None
     """assert_allclose(actual, expected) with the tolerance of `dtype` (override atol/rtol)."""
     tol = {**tolerance(dtype), **override}
     np.testing.assert_allclose(to_numpy(actual), to_numpy(expected), err_msg=err_msg, **tol)
+
+
+# ---- kernel tests: fresh random inputs every run, the seed in failure messages -----------------
+class SeededRng(np.random.Generator):
+    """numpy Generator that remembers its seed for failure messages (`rng.seed_msg`)."""
+
+    def __init__(self, seed: int):
+        super().__init__(np.random.PCG64(seed))
+        self.seed_msg = f"seed={seed}"
+
+
+def normal(rng, shape, dtype):
+    import jax.numpy as jnp
+    return jnp.asarray(rng.standard_normal(shape), dtype)
 
 
 # ---- pure-jax tiny models ----------------------------------------------------------------------

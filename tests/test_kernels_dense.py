@@ -24,38 +24,12 @@ from pallas_kernels.headsplit_decode import (headsplit_decode_attention,
                                              headsplit_decode_attention_reference, ring_valid,
                                              sink_window_decode_attention,
                                              sink_window_decode_attention_reference)
-from tests.helpers import tolerance
+from tests.helpers import assert_close, normal
+
+pytestmark = pytest.mark.usefixtures("reset_tpu_interpreter")
 
 TPU_INTERPRET = pltpu.InterpretParams()  # simulates scalar prefetch, VMEM scratch and the DMAs
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
-
-
-@pytest.fixture(autouse=True)
-def _reset_interpreter():
-    yield
-    pltpu.reset_tpu_interpret_mode_state()  # required after a kernel raised in TPU interpret mode
-
-
-class _Rng(np.random.Generator):
-    """numpy Generator that remembers its seed for failure messages (`rng.seed_msg`)."""
-
-    def __init__(self, seed: int):
-        super().__init__(np.random.PCG64(seed))
-        self.seed_msg = f"seed={seed}"
-
-
-@pytest.fixture
-def rng():
-    return _Rng(np.random.SeedSequence().entropy)  # fresh inputs every run
-
-
-def _normal(rng, shape, dtype):
-    return jnp.asarray(rng.standard_normal(shape), dtype)
-
-
-def _check(actual, expected, dtype, msg):
-    np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
-                               err_msg=msg, **tolerance(dtype))
 
 
 # (group G, kv heads K, head dim D, dtype, cache slots S, block, interpret)
@@ -72,9 +46,9 @@ DENSE_CASES = [
 def test_dense_kernel(rng, group, kv, dim, dtype, slots, block, interpret):
     dt = DTYPES[dtype]
     b = 3
-    q = _normal(rng, (b, kv * group, dim), dt)  # [B, H, D]
-    k = _normal(rng, (b, kv, slots, dim), dt)  # [B, K, S, D]
-    v = _normal(rng, (b, kv, slots, dim), dt)
+    q = normal(rng, (b, kv * group, dim), dt)  # [B, H, D]
+    k = normal(rng, (b, kv, slots, dim), dt)  # [B, K, S, D]
+    v = normal(rng, (b, kv, slots, dim), dt)
     odd = 2 * int(rng.integers(0, (slots - 1) // 2)) + 1  # an odd length in [1, S)
     lengths = jnp.asarray([0, slots, odd], jnp.int32)
     scale = dim ** -0.5
@@ -82,7 +56,7 @@ def test_dense_kernel(rng, group, kv, dim, dtype, slots, block, interpret):
                                  interpret=interpret, poison=True)
     assert out.shape == q.shape and out.dtype == q.dtype
     expected = dense_decode_attention_reference(q, k, v, lengths, scale)
-    _check(out, expected, dt, f"{rng.seed_msg} lengths={lengths.tolist()}")
+    assert_close(out, expected, dt, f"{rng.seed_msg} lengths={lengths.tolist()}")
     assert not np.any(np.asarray(out[0], np.float32)), "length 0 must give zeros"
 
 
@@ -118,30 +92,30 @@ def test_sink_window_kernel(rng, sink, window, group, kv, dim, dtype):
     counts = jnp.asarray([0, max(sink - 1, 0), sink + window // 2 + 1, slots,
                           slots + int(rng.integers(1, 50))], jnp.int32)
     b = counts.shape[0]
-    q = _normal(rng, (b, kv * group, dim), dt)
-    k = _normal(rng, (b, kv, slots, dim), dt)
-    v = _normal(rng, (b, kv, slots, dim), dt)
+    q = normal(rng, (b, kv * group, dim), dt)
+    k = normal(rng, (b, kv, slots, dim), dt)
+    v = normal(rng, (b, kv, slots, dim), dt)
     scale = dim ** -0.5
     out = sink_window_decode_attention(q, k, v, counts, sink=sink, window=window, scale=scale,
                                        interpret=TPU_INTERPRET, poison=True)
     expected = sink_window_decode_attention_reference(q, k, v, counts, sink, window, scale)
-    _check(out, expected, dt, f"{rng.seed_msg} counts={counts.tolist()}")
+    assert_close(out, expected, dt, f"{rng.seed_msg} counts={counts.tolist()}")
 
 
 def _headsplit_inputs(rng, full_heads, stream_heads, group, dim, dt, slots, sink, window):
     b = 3
     kv = len(full_heads) + len(stream_heads)
-    q = _normal(rng, (b, kv * group, dim), dt)
+    q = normal(rng, (b, kv * group, dim), dt)
     parts = [None] * 6
     if full_heads:
         lengths = jnp.asarray([0, slots, int(rng.integers(1, slots))], jnp.int32)
         shape = (b, len(full_heads), slots, dim)
-        parts[:3] = _normal(rng, shape, dt), _normal(rng, shape, dt), lengths
+        parts[:3] = normal(rng, shape, dt), normal(rng, shape, dt), lengths
     if stream_heads:
         counts = jnp.asarray([0, sink + window + 9, int(rng.integers(1, sink + window))],
                              jnp.int32)
         shape = (b, len(stream_heads), sink + window, dim)
-        parts[3:] = _normal(rng, shape, dt), _normal(rng, shape, dt), counts
+        parts[3:] = normal(rng, shape, dt), normal(rng, shape, dt), counts
     return q, parts
 
 
@@ -164,7 +138,7 @@ def test_headsplit_kernel(rng, full_heads, stream_heads, group, dim, dtype):
     out = headsplit_decode_attention(q, *parts, **settings, block_size=16,
                                      interpret=TPU_INTERPRET, poison=True)
     expected = headsplit_decode_attention_reference(q, *parts, **settings)
-    _check(out, expected, dt, rng.seed_msg)
+    assert_close(out, expected, dt, rng.seed_msg)
 
 
 def test_dispatch_interpret_matches_reference(rng):
@@ -190,4 +164,4 @@ def test_dispatch_interpret_matches_reference(rng):
         with dispatch.kernel_mode_override("reference"):
             assert "pallas_call" not in str(jax.make_jaxpr(lambda: call())()), name
             expected = call()
-        _check(out, expected, dt, f"{rng.seed_msg} {name}")
+        assert_close(out, expected, dt, f"{rng.seed_msg} {name}")

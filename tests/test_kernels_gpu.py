@@ -24,7 +24,7 @@ import pytest
 from pallas_kernels.dense_decode import dense_decode_attention_reference
 from pallas_kernels.dense_decode_gpu import (NEG_INF, combine_splits, default_num_splits,
                                              dense_decode_attention_gpu, gpu_kernel_supported)
-from tests.helpers import tolerance
+from tests.helpers import normal, tolerance
 
 ON_GPU = jax.default_backend() in ("gpu", "cuda")
 INTERPRET = not ON_GPU  # one test body: compiled on a GPU, interpreted on CPU
@@ -40,23 +40,6 @@ def _reset_interpreter():
         reset_gpu_interpret_mode_state()
 
 
-class _Rng(np.random.Generator):
-    """numpy Generator that remembers its seed for failure messages (`rng.seed_msg`)."""
-
-    def __init__(self, seed: int):
-        super().__init__(np.random.PCG64(seed))
-        self.seed_msg = f"seed={seed}"
-
-
-@pytest.fixture
-def rng():
-    return _Rng(np.random.SeedSequence().entropy)  # fresh inputs every run
-
-
-def _normal(rng, shape, dtype):
-    return jnp.asarray(rng.standard_normal(shape), dtype)
-
-
 # (group G, kv heads K, head dim D, dtype, cache slots S, block, splits, batch)
 CASES = [
     (1, 2, 64, "bf16", 200, 64, 2, 2),    # 4 blocks, the last clamped to S - 64 (overlap 56)
@@ -69,9 +52,9 @@ CASES = [
 @pytest.mark.parametrize("group,kv,dim,dtype,slots,block,splits,batch", CASES)
 def test_gpu_kernel_matches_reference(rng, group, kv, dim, dtype, slots, block, splits, batch):
     dt = DTYPES[dtype]
-    q = _normal(rng, (batch, kv * group, dim), dt)  # [B, H, D]
-    k = _normal(rng, (batch, kv, slots, dim), dt)  # [B, K, S, D]
-    v = _normal(rng, (batch, kv, slots, dim), dt)
+    q = normal(rng, (batch, kv * group, dim), dt)  # [B, H, D]
+    k = normal(rng, (batch, kv, slots, dim), dt)  # [B, K, S, D]
+    v = normal(rng, (batch, kv, slots, dim), dt)
     odd = 2 * rng.integers(0, (slots - 1) // 2, size=batch) + 1  # odd lengths in [1, S)
     lengths = np.asarray(odd, np.int32)
     lengths[0] = 0  # empty sequence -> zeros

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.pallas import tpu as pltpu
 
 from jaxkv.model.decoder import Decoder
 from jaxkv.model.gated import mixed_attention_fn
@@ -23,43 +22,17 @@ from pallas_kernels import dispatch
 from pallas_kernels.mixed_prefill import (mixed_prefill_attention, mixed_prefill_attention_fn,
                                           mixed_prefill_attention_reference,
                                           mixed_prefill_branches)
-from tests.helpers import random_params, tiny_config, tolerance
+from tests.helpers import assert_close, normal, random_params, tiny_config
+
+pytestmark = pytest.mark.usefixtures("reset_tpu_interpreter")
 
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
-@pytest.fixture(autouse=True)
-def _reset_interpreter():
-    yield
-    pltpu.reset_tpu_interpret_mode_state()  # required after a kernel raised in TPU interpret mode
-
-
-class _Rng(np.random.Generator):
-    """numpy Generator that remembers its seed for failure messages (`rng.seed_msg`)."""
-
-    def __init__(self, seed: int):
-        super().__init__(np.random.PCG64(seed))
-        self.seed_msg = f"seed={seed}"
-
-
-@pytest.fixture
-def rng():
-    return _Rng(np.random.SeedSequence().entropy)  # fresh inputs every run
-
-
-def _normal(rng, shape, dtype=jnp.float32):
-    return jnp.asarray(rng.standard_normal(shape), dtype)
-
-
-def _check(actual, expected, dtype, msg):
-    np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
-                               err_msg=msg, **tolerance(dtype))
-
-
 def _inputs(rng, b, t, kv, group, dim, dt):
-    q = _normal(rng, (b, t, kv * group, dim), dt)  # [B, T, H, D]
-    k = _normal(rng, (b, t, kv, dim), dt)  # [B, T, K, D]
-    v = _normal(rng, (b, t, kv, dim), dt)
+    q = normal(rng, (b, t, kv * group, dim), dt)  # [B, T, H, D]
+    k = normal(rng, (b, t, kv, dim), dt)  # [B, T, K, D]
+    v = normal(rng, (b, t, kv, dim), dt)
     alpha = jnp.asarray(rng.uniform(0.0, 1.0, kv), jnp.float32)  # [K]
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # contiguous
     return alpha, q, k, v, positions
@@ -92,7 +65,7 @@ def test_kernel_matches_reference(rng, group, kv, dim, dtype, t, block_q, block_
     assert out.shape == q.shape and out.dtype == q.dtype
     expected = mixed_prefill_attention_reference(alpha, q, k, v, positions, lengths, sink,
                                                  window)
-    _check(out, expected, dt, msg)
+    assert_close(out, expected, dt, msg)
     if not branches:
         return
     # The branches themselves: alpha = 1 is the full branch, alpha = 0 the streaming one.
@@ -102,7 +75,7 @@ def test_kernel_matches_reference(rng, group, kv, dim, dtype, t, block_q, block_
     for a, got in ((1.0, full), (0.0, stream)):
         want = mixed_prefill_attention_reference(jnp.full((kv,), a), q, k, v, positions,
                                                  lengths, sink, window)
-        _check(got.astype(dt), want, dt, f"{msg} alpha={a}")
+        assert_close(got.astype(dt), want, dt, f"{msg} alpha={a}")
 
 
 def test_tpu_interpret_through_dispatcher(rng):
@@ -117,9 +90,9 @@ def test_tpu_interpret_through_dispatcher(rng):
                                                block_k=8, **kw)
     with dispatch.kernel_mode_override("reference"):
         expected = dispatch.mixed_prefill_attention(alpha, q, k, v, positions, lengths, **kw)
-    _check(expected, mixed_prefill_attention_reference(alpha, q, k, v, positions, lengths,
+    assert_close(expected, mixed_prefill_attention_reference(alpha, q, k, v, positions, lengths,
                                                        **kw), jnp.float32, rng.seed_msg)
-    _check(out, expected, jnp.float32, rng.seed_msg)
+    assert_close(out, expected, jnp.float32, rng.seed_msg)
 
 
 def test_gradients_match_reference(rng):
@@ -127,7 +100,7 @@ def test_gradients_match_reference(rng):
     from the dq and dk/dv kernels) against jax.grad of the reference, float32."""
     alpha, q, k, v, positions = _inputs(rng, 2, 21, 2, 3, 64, jnp.float32)
     lengths = jnp.asarray([10, 0], jnp.int32)
-    w = _normal(rng, q.shape)  # loss = sum(out * w): a random cotangent
+    w = normal(rng, q.shape, jnp.float32)  # loss = sum(out * w): a random cotangent
 
     def loss_kernel(a, q, k, v):
         out = mixed_prefill_attention(a, q, k, v, None, lengths, sink=2, window=4, block_q=8,
@@ -141,7 +114,7 @@ def test_gradients_match_reference(rng):
     got = jax.jit(jax.grad(loss_kernel, argnums=(0, 1, 2, 3)))(alpha, q, k, v)
     want = jax.grad(loss_reference, argnums=(0, 1, 2, 3))(alpha, q, k, v)
     for name, g, e in zip(("alpha", "q", "k", "v"), got, want):
-        _check(g, e, jnp.float32, f"{rng.seed_msg} d{name}")
+        assert_close(g, e, jnp.float32, f"{rng.seed_msg} d{name}")
 
 
 def test_model_gate_gradients_match_reference(rng):
@@ -154,7 +127,7 @@ def test_model_gate_gradients_match_reference(rng):
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 19)), jnp.int32)
     lengths = jnp.asarray([7, 12], jnp.int32)
     gates = jnp.asarray(rng.uniform(0.0, 1.0, (cfg.num_layers, cfg.num_kv_heads)), jnp.float32)
-    w = _normal(rng, (2, 19, cfg.vocab_size))
+    w = normal(rng, (2, 19, cfg.vocab_size), jnp.float32)
 
     def loss(g, make_fn):
         logits = Decoder(cfg).apply({"params": params}, tokens, attention_fn=make_fn(g),
@@ -168,9 +141,9 @@ def test_model_gate_gradients_match_reference(rng):
         lambda g: loss(g, kernel_fn), has_aux=True))(gates)
     (_, logits_ref), d_ref = jax.value_and_grad(lambda g: loss(g, reference_fn),
                                                 has_aux=True)(gates)
-    _check(logits, logits_ref, jnp.float32, rng.seed_msg)
+    assert_close(logits, logits_ref, jnp.float32, rng.seed_msg)
     assert float(jnp.abs(d_ref[0]).max()) > 0  # layer 0's gates matter
-    _check(d_gates, d_ref, jnp.float32, rng.seed_msg)
+    assert_close(d_gates, d_ref, jnp.float32, rng.seed_msg)
 
 
 def test_errors():

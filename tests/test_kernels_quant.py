@@ -29,29 +29,12 @@ from pallas_kernels.mixed_decode import (WIDTHS, mixed_decode_attention,
                                          mixed_decode_attention_reference, record_bytes)
 from pallas_kernels.quantized_decode import (default_block_size, quantized_decode_attention,
                                              quantized_decode_attention_reference)
-from tests.helpers import tolerance
+from tests.helpers import assert_close
+
+pytestmark = pytest.mark.usefixtures("reset_tpu_interpreter")
 
 TPU_INTERPRET = pltpu.InterpretParams()  # simulates scalar prefetch, VMEM scratch and the DMAs
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
-
-
-@pytest.fixture(autouse=True)
-def _reset_interpreter():
-    yield
-    pltpu.reset_tpu_interpret_mode_state()  # required after a kernel raised in TPU interpret mode
-
-
-class _Rng(np.random.Generator):
-    """numpy Generator that remembers its seed for failure messages (`rng.seed_msg`)."""
-
-    def __init__(self, seed: int):
-        super().__init__(np.random.PCG64(seed))
-        self.seed_msg = f"seed={seed}"
-
-
-@pytest.fixture
-def rng():
-    return _Rng(np.random.SeedSequence().entropy)  # fresh inputs every run
 
 
 # the references and the cache builders, jitted (one compile each instead of op-by-op dispatch)
@@ -73,11 +56,6 @@ def _run(jitted, *args, **static):
     compiled = jitted.lower(*args, **static).compile(
         compiler_options={"xla_backend_optimization_level": 0})
     return compiled(*args)
-
-
-def _check(actual, expected, dtype, msg):
-    np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
-                               err_msg=msg, **tolerance(dtype))
 
 
 # ---- quantised caches ---------------------------------------------------------------------------
@@ -150,7 +128,7 @@ def test_quantized_kernel_on_policy_caches(rng, name, policy, group, kv, dim, dt
     out = _run(quantized_decode_attention, q, *_quant_args(cache), **settings, block_size=block,
                whole_block_size=8, interpret=TPU_INTERPRET, poison=True)
     expected = _run(_quant_reference, q, *_quant_args(cache), **settings)
-    _check(out, expected, dt, f"{rng.seed_msg} {name}")
+    assert_close(out, expected, dt, f"{rng.seed_msg} {name}")
     if 0 in lengths:  # nothing valid in either zone: zeros, like the reference
         assert not np.asarray(out[list(lengths).index(0)], np.float32).any()
 
@@ -166,7 +144,7 @@ def test_quantized_kernel_per_token_groups_with_zero_points(rng):
     out = _run(quantized_decode_attention, q, *_quant_args(cache), **settings, block_size=8,
                interpret=TPU_INTERPRET, poison=True)
     expected = _run(_quant_reference, q, *_quant_args(cache), **settings)
-    _check(out, expected, jnp.float32, rng.seed_msg)
+    assert_close(out, expected, jnp.float32, rng.seed_msg)
 
 
 def test_quantized_block_size_must_hold_whole_scale_groups():
@@ -250,7 +228,7 @@ def test_mixed_kernel_on_rdkv_arenas(rng, name, group, dim, dtype, lengths, coun
     out = _run(mixed_decode_attention, q, *_mixed_args(cache), scale=0.3, k_row_bytes=row_bytes,
                block_size=block, whole_block_size=4, interpret=TPU_INTERPRET, poison=True)
     expected = _run(_mixed_reference, q, *_mixed_args(cache), scale=0.3, k_row_bytes=row_bytes)
-    _check(out, expected, dt, f"{rng.seed_msg} {name} counts={np.asarray(cache.counts).tolist()}")
+    assert_close(out, expected, dt, f"{rng.seed_msg} {name} counts={np.asarray(cache.counts).tolist()}")
     if 0 in lengths:
         assert not np.asarray(out[list(lengths).index(0)], np.float32).any()
 
@@ -275,7 +253,7 @@ def test_dispatch_interpret_matches_reference(rng):
         with dispatch.kernel_mode_override("reference"):
             assert "pallas_call" not in str(jax.make_jaxpr(lambda c: c.attend(q, 0.125))(cache))
             expected = call()
-        _check(out, expected, dt, f"{rng.seed_msg} {name}")
+        assert_close(out, expected, dt, f"{rng.seed_msg} {name}")
 
 
 def test_kernels_lower_for_tpu():
