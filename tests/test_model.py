@@ -2,6 +2,7 @@
 of forward, seeded sampling, and Llama-3 RoPE scaling worked by hand."""
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -121,3 +122,22 @@ def test_apply_rope_rotates_pairs_by_position_times_frequency():
     angle = 100 * 0.0130423
     np.testing.assert_allclose([out[1], out[5]], [math.cos(angle), math.sin(angle)], atol=1e-5)
     np.testing.assert_allclose(np.delete(out, [1, 5]), 0, atol=1e-7)
+
+
+@pytest.mark.parametrize("t, window", [(1100, None), (700, 48)])
+def test_query_blocked_attention_equals_one_block_and_holds_less(t, window):
+    from jaxkv.model.layers import causal_attention
+    rng = np.random.default_rng(t)
+    q = jnp.asarray(rng.normal(size=(1, t, 4, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, t, 2, 16)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(1, t, 2, 16)), jnp.float32)
+    pos = jnp.arange(t)[None]
+    fn = lambda block: jax.jit(lambda q, k, v: causal_attention(q, k, v, 0.25, pos, pos, window, 4,
+                                                                query_block=block))
+    whole, blocked = fn(None), fn(256)
+    np.testing.assert_allclose(np.asarray(blocked(q, k, v)), np.asarray(whole(q, k, v)),
+                               atol=1e-5, rtol=1e-5)
+    # XLA's own accounting of the compiled programs: the [B, K, G, T, T] scores are gone
+    temp = lambda f: f.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+    scores, block_scores = 4 * t * t * 4, 4 * 256 * t * 4  # float32, all 4 query heads
+    assert temp(whole) >= scores and temp(blocked) < 3 * block_scores

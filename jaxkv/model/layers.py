@@ -68,15 +68,39 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return x * cos + rotated * sin
 
 
+#: Prompts longer than this attend in blocks of this many queries (`causal_attention`), so the
+#: scores of one block, [B, K, G, QUERY_BLOCK, S], are the largest intermediate instead of T x S.
+QUERY_BLOCK = 512
+
+
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
                      q_positions: jax.Array, k_positions: jax.Array,
-                     window: int | None = None, sink: int = 0) -> jax.Array:
+                     window: int | None = None, sink: int = 0,
+                     query_block: int | None = QUERY_BLOCK) -> jax.Array:
     """Masked softmax attention with GQA.
 
     q: [B, T, H, D]; k, v: [B, S, K, D]; q_positions: [B, T]; k_positions: [B, S].
     A query sees keys with k_pos <= q_pos; with `window`, only keys with q_pos - k_pos < window or
     k_pos < sink (StreamingLLM sink + recent window). Returns [B, T, H, D] in q's dtype.
+    When T > query_block the queries are processed `query_block` at a time (`lax.map`): each
+    row's softmax is the same computation, but the float32 scores never exceed
+    [B, K, G, query_block, S] (a 32K-token prompt would otherwise hold 32K x 32K per head).
     """
+    b, t, h, d = q.shape
+    if query_block is None or t <= query_block:
+        return _attention_rows(q, k, v, scale, q_positions, k_positions, window, sink)
+    n = -(-t // query_block)
+    pad = n * query_block - t
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    pp = jnp.pad(q_positions, ((0, 0), (0, pad)))  # padded rows are dropped below
+    qb = qp.reshape(b, n, query_block, h, d).swapaxes(0, 1)  # [N, B, QB, H, D]
+    pb = pp.reshape(b, n, query_block).swapaxes(0, 1)  # [N, B, QB]
+    out = jax.lax.map(lambda xs: _attention_rows(xs[0], k, v, scale, xs[1], k_positions,
+                                                 window, sink), (qb, pb))
+    return out.swapaxes(0, 1).reshape(b, n * query_block, h, d)[:, :t]
+
+
+def _attention_rows(q, k, v, scale, q_positions, k_positions, window, sink):
     b, t, h, d = q.shape
     kh = k.shape[2]
     qg = q.reshape(b, t, kh, h // kh, d).astype(jnp.float32)  # [B, T, K, G, D]
