@@ -115,7 +115,9 @@ def split_policy(policy):
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(config, static_policy, max_new_tokens, greedy, eos_ids):
+def _compiled(config, static_policy, max_new_tokens, greedy, eos_ids, kernel_mode):
+    """The jitted generation program; `kernel_mode` (pallas_kernels.dispatch) is part of the key
+    because the dispatcher picks kernel or reference while tracing."""
     def fn(params, policy_leaves, *args):
         policy = static_policy
         if isinstance(static_policy, jax.tree_util.PyTreeDef):
@@ -180,7 +182,8 @@ def generate(model: Model, prompts, max_new_tokens: int, policy: Any = None,
     tokens, lengths = pad_batch(token_lists, cfg.pad_token_id)
     eos = tuple(int(e) for e in (eos_ids if eos_ids is not None else cfg.eos_ids))
     static_policy, policy_leaves = split_policy(policy)
-    fn = _compiled(cfg, static_policy, max_new_tokens, temperature == 0.0, eos)
+    from pallas_kernels.dispatch import kernel_mode
+    fn = _compiled(cfg, static_policy, max_new_tokens, temperature == 0.0, eos, kernel_mode())
     tokens_in, lengths_in = jnp.asarray(tokens), jnp.asarray(lengths)
     if mesh is not None:
         from jaxkv.sharding import shard_batch
