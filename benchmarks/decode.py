@@ -26,6 +26,11 @@ import tempfile
 import time
 from typing import Callable, Optional
 
+# `python benchmarks/decode.py` puts this folder first on sys.path, and its kernels.py would shadow
+# the `kernels` package that transformers probes for (its import then fails on missing metadata).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
