@@ -141,3 +141,24 @@ def test_query_blocked_attention_equals_one_block_and_holds_less(t, window):
     temp = lambda f: f.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
     scores, block_scores = 4 * t * t * 4, 4 * 256 * t * 4  # float32, all 4 query heads
     assert temp(whole) >= scores and temp(blocked) < 3 * block_scores
+
+
+def test_long_prompt_blocks_shrink_to_the_score_budget(monkeypatch):
+    from jaxkv.model import layers
+    assert layers._fit_block(512, 1000) == 512  # fits: unchanged
+    assert layers._fit_block(512, layers.SCORE_BLOCK_BYTES // 100) == 64  # largest power of two
+    assert layers._fit_block(512, layers.SCORE_BLOCK_BYTES) == 16  # never below 16
+    monkeypatch.setattr(layers, "SCORE_BLOCK_BYTES", 64 * 2**10)
+    t = 600
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(1, t, 4, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, t, 2, 16)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(1, t, 2, 16)), jnp.float32)
+    pos = jnp.arange(t)[None]
+    fn = lambda block: jax.jit(lambda q, k, v: layers.causal_attention(
+        q, k, v, 0.25, pos, pos, query_block=block))
+    whole, blocked = fn(None), fn(512)  # 512 < t: blocked, and 4 x 600 x 4 B rows give 16
+    np.testing.assert_allclose(np.asarray(blocked(q, k, v)), np.asarray(whole(q, k, v)),
+                               atol=1e-5, rtol=1e-5)
+    temp = blocked.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 3 * 4 * 32 * t * 4  # far below one 512-query block's scores (4 * 512 * t * 4)

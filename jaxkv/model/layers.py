@@ -68,9 +68,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return x * cos + rotated * sin
 
 
-#: Prompts longer than this attend in blocks of this many queries (`causal_attention`), so the
-#: scores of one block, [B, K, G, QUERY_BLOCK, S], are the largest intermediate instead of T x S.
+#: Prompts longer than this attend in blocks of at most this many queries (`causal_attention`),
+#: so the scores of one block, [B, K, G, block, S], are the largest intermediate instead of T x S;
+#: for such prompts the block also shrinks (to a power of two, at least 16) until one block's
+#: float32 scores fit in SCORE_BLOCK_BYTES, so the scores do not outgrow the KV cache at long
+#: context. Shorter sequences (training, the embedded tasks) attend in one block as before.
 QUERY_BLOCK = 512
+SCORE_BLOCK_BYTES = 32 * 2**20
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
@@ -82,13 +86,15 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
     q: [B, T, H, D]; k, v: [B, S, K, D]; q_positions: [B, T]; k_positions: [B, S].
     A query sees keys with k_pos <= q_pos; with `window`, only keys with q_pos - k_pos < window or
     k_pos < sink (StreamingLLM sink + recent window). Returns [B, T, H, D] in q's dtype.
-    When T > query_block the queries are processed `query_block` at a time (`lax.map`): each
-    row's softmax is the same computation, but the float32 scores never exceed
-    [B, K, G, query_block, S] (a 32K-token prompt would otherwise hold 32K x 32K per head).
+    When T > query_block the queries are processed `query_block` at a time (`lax.map`; fewer
+    when one block's float32 scores would exceed SCORE_BLOCK_BYTES): each row's softmax is the
+    same computation, but the scores never exceed [B, K, G, block, S] (a 32K-token prompt would
+    otherwise hold 32K x 32K per head).
     """
     b, t, h, d = q.shape
     if query_block is None or t <= query_block:
         return _attention_rows(q, k, v, scale, q_positions, k_positions, window, sink)
+    query_block = _fit_block(query_block, b * h * k.shape[1] * 4)
     n = -(-t // query_block)
     pad = n * query_block - t
     qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
@@ -98,6 +104,15 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
     out = jax.lax.map(lambda xs: _attention_rows(xs[0], k, v, scale, xs[1], k_positions,
                                                  window, sink), (qb, pb))
     return out.swapaxes(0, 1).reshape(b, n * query_block, h, d)[:, :t]
+
+
+def _fit_block(query_block: int, row_bytes: int) -> int:
+    """The largest power of two <= query_block (at least 16) whose rows of `row_bytes` scores
+    fit in SCORE_BLOCK_BYTES; query_block itself when it already fits."""
+    if query_block * row_bytes <= SCORE_BLOCK_BYTES:
+        return query_block
+    block = 1 << max(int(SCORE_BLOCK_BYTES // row_bytes).bit_length() - 1, 0)
+    return max(16, min(block, query_block))
 
 
 def _attention_rows(q, k, v, scale, q_positions, k_positions, window, sink):
