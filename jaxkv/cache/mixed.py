@@ -68,6 +68,16 @@ def _is_traced(*xs) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
+def _put_records(arena: jax.Array, start: jax.Array, records: jax.Array) -> jax.Array:
+    """arena uint8 [P] with each row of records [T, R] written at byte start [T]; a record whose
+    bytes do not all fit (start = P marks one not kept) is dropped. One index per record (a
+    window scatter), not one per byte: the index array is T ints, not T x R x 3."""
+    dnums = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=(),
+                                            scatter_dims_to_operand_dims=(0,))
+    return jax.lax.scatter(arena, start[:, None], records, dnums,
+                           mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
+
+
 def _to_bytes(x: jax.Array) -> jax.Array:
     """[..., n] of any 2/4-byte dtype -> uint8 [..., n * itemsize] (native byte order)."""
     out = jax.lax.bitcast_convert_type(x, jnp.uint8)  # [..., n, itemsize]
@@ -166,14 +176,15 @@ class MixedCache:
         counts = jnp.stack([(token_bits == w).sum(-1) for w in WIDTHS], -1).astype(jnp.int32)
         offsets = region_offsets(counts, rec)  # [B, K, 4]
         arena = jnp.zeros((b, kh, p), jnp.uint8)
-        scatter = jax.vmap(jax.vmap(lambda a, i, x: a.at[i].set(x, mode="drop")))
+        scatter = jax.vmap(jax.vmap(_put_records))
         for i, w in enumerate(WIDTHS):
+            if rec[i] > p:  # no record of this width fits the arena (the checks above refuse
+                continue    # such tokens; under jit they are dropped)
             sel = token_bits == w  # [B, K, T]
             rank = jnp.cumsum(sel, axis=-1) - 1
-            dest = offsets[..., i, None, None] + rank[..., None] * rec[i] \
-                + jnp.arange(rec[i], dtype=jnp.int32)  # [B, K, T, rec]
-            dest = jnp.where(sel[..., None], dest, p)  # p: out of range, dropped
-            arena = scatter(arena, dest.reshape(b, kh, -1), records[w].reshape(b, kh, -1))
+            start = offsets[..., i, None] + rank * rec[i]  # [B, K, T] first byte of each record
+            start = jnp.where(sel, start, p)  # p: out of range, dropped
+            arena = scatter(arena, start, records[w])
 
         # ---- whole zone: the window, then room for decoded tokens
         wpos = lengths[:, None] - n_win[:, None] + jnp.arange(window, dtype=jnp.int32)  # [B, W]
