@@ -3,6 +3,7 @@ over the mixed-precision cache against the dense cache.
 
   python benchmarks/rdkv.py                                 # context 8192, budgets 0.05 0.1
   python benchmarks/rdkv.py --context 16384 --budgets 0.025 0.05 0.25 --dtype bfloat16
+  python benchmarks/rdkv.py --memory-layers               # skip the compile-only depth sweep
 
 Model: random Llama-style weights (benchmarks/common.py). Memory: XLA's own accounting of the
 compiled prefill (`compiled.memory_analysis()`: arguments excluded; outputs = the caches of every
@@ -15,6 +16,7 @@ Prints a table and writes JSON (--out).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -51,6 +53,8 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.1])
     ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--memory-layers", type=int, nargs="*", default=[4, 16, 32],
+                    help="also compile (not run) prefill at these depths and report its peak")
     add_model_args(ap)
     ap.add_argument("--out", default="runs/rdkv_bench.json")
     args = ap.parse_args(argv)
@@ -77,8 +81,19 @@ def main(argv=None):
                          prefill_memory=mem, dense_prefill_memory=dense_mem,
                          dense_decode_ms=td * 1e3, rdkv_decode_ms=tm * 1e3, speedup=td / tm))
         del caches
+    depth = []
+    for n_layers in args.memory_layers:  # abstract parameters: compiled, never run
+        dcfg = dataclasses.replace(cfg, num_layers=n_layers)
+        shapes = jax.eval_shape(lambda: init_params(dcfg, 0))
+        row = dict(layers=n_layers, dense=memory(prefill_fn(dcfg, t, args.steps, None), shapes,
+                                                 tokens, lengths))
+        for b in args.budgets:
+            pol = RDKV(budget=b, window=args.window)
+            row[f"rdkv_{b}"] = memory(prefill_fn(dcfg, t, args.steps, pol), shapes, tokens,
+                                      lengths)
+        depth.append(row)
     result = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
-              "args": vars(args), "rows": rows}
+              "args": vars(args), "rows": rows, "peak_by_depth": depth}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
@@ -96,6 +111,14 @@ def main(argv=None):
         print(f"{r['budget']:>7} {r['cache_bytes'] / r['dense_cache_bytes']:>11.4f} "
               f"{mb(peak):>9} {ratio:>10.3f} {r['dense_decode_ms']:>9.3f} "
               f"{r['rdkv_decode_ms']:>8.3f} {r['speedup']:>7.2f}")
+    if depth and depth[0]["dense"]:
+        print(f"peak MiB of the compiled prefill by depth (dense / RDKV at each budget):")
+        print(f"{'layers':>6} {'dense':>8} " + " ".join(f"{'rdkv ' + str(b):>11}"
+                                                      for b in args.budgets))
+        for row in depth:
+            print(f"{row['layers']:>6} {mb(row['dense']['peak_bytes']):>8} " + " ".join(
+                f"{mb(row[f'rdkv_{b}']['peak_bytes']):>6} {row[f'rdkv_{b}']['peak_bytes'] / row['dense']['peak_bytes']:.2f}"
+                for b in args.budgets))
     print(f"wrote {args.out}")
 
 
