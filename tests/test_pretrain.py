@@ -134,6 +134,8 @@ def test_fine_tune_trains_its_base_first_and_starts_from_it(tmp_path):
     updates, _ = opt.update(grads, opt.init(p0), p0)
     p1 = optax.apply_updates(p0, updates)
     split = str(tmp_path / "split")
+    import shutil
+    shutil.copytree(alone, os.path.join(split, "base"))  # an exported base is reused, not retrained
     pretrain(tune, split, max_steps=1, progress=False)
     import orbax.checkpoint as ocp
     manager = ocp.CheckpointManager(os.path.abspath(os.path.join(split, "checkpoints")))
