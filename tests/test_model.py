@@ -143,6 +143,35 @@ def test_query_blocked_attention_equals_one_block_and_holds_less(t, window):
     assert temp(whole) >= scores and temp(blocked) < 3 * block_scores
 
 
+def test_tiled_attention_skips_nothing_it_needs_and_has_the_same_gradients():
+    """600 queries at positions 200.. / 150.. (a continued prefill) over 800 keys, causal, with a
+    window and sinks, and in bfloat16: the tiled path (which skips the tiles the mask removes)
+    equals the one-block path, values and gradients."""
+    from jaxkv.model.layers import causal_attention
+    t, s = 600, 800
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.normal(size=(2, t, 8, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, s, 2, 16)), jnp.float32) for _ in range(2))
+    pos = jnp.stack([jnp.arange(t) + 200, jnp.arange(t) + 150])
+    kpos = jnp.broadcast_to(jnp.arange(s), (2, s))
+    w = jnp.asarray(rng.normal(size=(2, t, 8, 16)), jnp.float32)
+    for window, sink, dtype, tol in [(None, 0, jnp.float32, 1e-5), (100, 4, jnp.float32, 1e-5),
+                                     (None, 0, jnp.bfloat16, 2e-2)]:
+        def loss(q, k, v, block):
+            out = causal_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), 0.25, pos,
+                                   kpos, window, sink, query_block=block)
+            return (out.astype(jnp.float32) * w).sum(), out
+        (l1, o1), g1 = jax.jit(jax.value_and_grad(lambda *a: loss(*a, None), (0, 1, 2),
+                                                  has_aux=True))(q, k, v)
+        (l2, o2), g2 = jax.jit(jax.value_and_grad(lambda *a: loss(*a, 128), (0, 1, 2),
+                                                  has_aux=True))(q, k, v)
+        assert o2.dtype == dtype
+        np.testing.assert_allclose(np.asarray(o2, np.float32), np.asarray(o1, np.float32),
+                                   atol=tol, rtol=tol)
+        for a, b in zip(g1, g2):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=10 * tol, rtol=10 * tol)
+
+
 def test_long_prompt_blocks_shrink_to_the_score_budget(monkeypatch):
     from jaxkv.model import layers
     assert layers._fit_block(512, 1000) == 512  # fits: unchanged

@@ -68,12 +68,16 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return x * cos + rotated * sin
 
 
-#: Prompts longer than this attend in blocks of at most this many queries (`causal_attention`),
-#: so the scores of one block, [B, K, G, block, S], are the largest intermediate instead of T x S;
-#: for such prompts the block also shrinks (to a power of two, at least 16) until one block's
-#: float32 scores fit in SCORE_BLOCK_BYTES, so the scores do not outgrow the KV cache at long
-#: context. Shorter sequences (training, the embedded tasks) attend in one block as before.
+#: Sequences longer than this attend tile by tile (`causal_attention`): TILE queries against TILE
+#: keys at a time with an online softmax (flash-attention style), tiles whose every (query, key)
+#: pair is masked skipped, so the float32 scores held are one tile's, not T x S, and a causal
+#: prompt computes about half the score matrix. Shorter sequences (training, the embedded tasks)
+#: attend in one block.
 QUERY_BLOCK = 512
+#: Query and key tile of the tiled path (256 was the fastest of 128/256/512 on 2 CPU cores at 2K
+#: tokens); the query tile shrinks (a power of two, at least 16) when one tile's float32 scores,
+#: [B, H, tile, TILE], would exceed SCORE_BLOCK_BYTES (large batches).
+TILE = 256
 SCORE_BLOCK_BYTES = 32 * 2**20
 
 
@@ -86,24 +90,15 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float,
     q: [B, T, H, D]; k, v: [B, S, K, D]; q_positions: [B, T]; k_positions: [B, S].
     A query sees keys with k_pos <= q_pos; with `window`, only keys with q_pos - k_pos < window or
     k_pos < sink (StreamingLLM sink + recent window). Returns [B, T, H, D] in q's dtype.
-    When T > query_block the queries are processed `query_block` at a time (`lax.map`; fewer
-    when one block's float32 scores would exceed SCORE_BLOCK_BYTES): each row's softmax is the
-    same computation, but the scores never exceed [B, K, G, block, S] (a 32K-token prompt would
-    otherwise hold 32K x 32K per head).
+    When T > query_block the attention is computed tile by tile (`_tiled_attention`): the same
+    softmax up to float32 rounding, without the [B, H, T, S] scores (a 32K-token prompt would
+    otherwise hold 32K x 32K per head) and without the tiles the mask removes entirely.
     """
     b, t, h, d = q.shape
     if query_block is None or t <= query_block:
         return _attention_rows(q, k, v, scale, q_positions, k_positions, window, sink)
-    query_block = _fit_block(query_block, b * h * k.shape[1] * 4)
-    n = -(-t // query_block)
-    pad = n * query_block - t
-    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    pp = jnp.pad(q_positions, ((0, 0), (0, pad)))  # padded rows are dropped below
-    qb = qp.reshape(b, n, query_block, h, d).swapaxes(0, 1)  # [N, B, QB, H, D]
-    pb = pp.reshape(b, n, query_block).swapaxes(0, 1)  # [N, B, QB]
-    out = jax.lax.map(lambda xs: _attention_rows(xs[0], k, v, scale, xs[1], k_positions,
-                                                 window, sink), (qb, pb))
-    return out.swapaxes(0, 1).reshape(b, n * query_block, h, d)[:, :t]
+    q_tile = _fit_block(min(query_block, TILE), b * h * TILE * 4)
+    return _tiled_attention(q, k, v, scale, q_positions, k_positions, window, sink, q_tile, TILE)
 
 
 def _fit_block(query_block: int, row_bytes: int) -> int:
@@ -113,6 +108,67 @@ def _fit_block(query_block: int, row_bytes: int) -> int:
         return query_block
     block = 1 << max(int(SCORE_BLOCK_BYTES // row_bytes).bit_length() - 1, 0)
     return max(16, min(block, query_block))
+
+
+def _tiled_attention(q, k, v, scale, q_positions, k_positions, window, sink, bq, bk):
+    """`_attention_rows` computed over [bq queries x bk keys] tiles with an online softmax.
+
+    Layout [B, K, G * bq, D] x [B, K, bk, D] makes each tile one batched matmul. A tile is skipped
+    (`lax.cond`) when the mask removes all of it for every sequence: its smallest key position is
+    after its largest query position, or (with a window) all its keys are outside the sink and
+    before every query's window. A query row that sees no key at all gives zeros here (the
+    one-block path gives the mean of the values); a causal row always sees itself.
+    """
+    b, t, h, d = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    g = h // kh
+    nq, nk = -(-t // bq), -(-s // bk)
+    f32 = jnp.float32
+    # padded queries repeat the last position (their rows are dropped); padded keys sit at the
+    # largest position, after every query, so the causal mask removes them
+    qpos = jnp.pad(q_positions, ((0, 0), (0, nq * bq - t)), mode="edge")
+    kpos = jnp.pad(k_positions, ((0, 0), (0, nk * bk - s)),
+                   constant_values=jnp.iinfo(k_positions.dtype).max)
+    qt = jnp.pad(q.astype(f32) * scale, ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
+    qt = qt.reshape(b, nq, bq, kh, g, d).transpose(1, 0, 3, 4, 2, 5).reshape(nq, b, kh, g * bq, d)
+    kv_pad = ((0, 0), (0, nk * bk - s), (0, 0), (0, 0))
+    kt = jnp.pad(k.astype(f32), kv_pad).reshape(b, nk, bk, kh, d).transpose(1, 0, 3, 2, 4)
+    vt = jnp.pad(v.astype(f32), kv_pad).reshape(b, nk, bk, kh, d).transpose(1, 0, 3, 2, 4)
+    qpt = qpos.reshape(b, nq, bq).swapaxes(0, 1)  # [NQ, B, bq]
+    kpt = kpos.reshape(b, nk, bk).swapaxes(0, 1)  # [NK, B, bk]
+    k_min = kpt.min(axis=(1, 2))
+    k_max = jnp.where(kpt == jnp.iinfo(kpt.dtype).max, jnp.iinfo(kpt.dtype).min, kpt).max(axis=(1, 2))
+
+    def query_tile(xs):
+        qi, qp = xs  # [B, K, G * bq, D], [B, bq]
+        q_max, q_min = qp.max(), qp.min()
+
+        def tile(j, carry):
+            m, l, acc = carry
+            scores = jnp.einsum("bkmd,bksd->bkms", qi, kt[j])  # [B, K, G * bq, bk]
+            mask = streaming_mask(qp, kpt[j], window, sink)  # [B, bq, bk]
+            mask = jnp.broadcast_to(mask[:, None, None], (b, 1, g, bq, bk)).reshape(b, 1, g * bq, bk)
+            scores = jnp.where(mask, scores, NEG_INF)
+            m_new = jnp.maximum(m, scores.max(-1))
+            p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
+            corr = jnp.exp(m - m_new)
+            return (m_new, l * corr + p.sum(-1),
+                    acc * corr[..., None] + jnp.einsum("bkms,bksd->bkmd", p, vt[j]))
+
+        def step(j, carry):
+            seen = k_min[j] <= q_max
+            if window is not None:
+                seen = seen & ((k_min[j] < sink) | (k_max[j] > q_min - window))
+            return jax.lax.cond(seen, lambda c: tile(j, c), lambda c: c, carry)
+
+        init = (jnp.full((b, kh, g * bq), NEG_INF, f32), jnp.zeros((b, kh, g * bq), f32),
+                jnp.zeros((b, kh, g * bq, d), f32))
+        _, l, acc = jax.lax.fori_loop(0, nk, step, init)
+        return acc / jnp.where(l > 0, l, 1.0)[..., None]
+
+    out = jax.lax.map(query_tile, (qt, qpt))  # [NQ, B, K, G * bq, D]
+    out = out.reshape(nq, b, kh, g, bq, d).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * bq, h, d)
+    return out[:, :t].astype(q.dtype)
 
 
 def _attention_rows(q, k, v, scale, q_positions, k_positions, window, sink):
