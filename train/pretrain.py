@@ -10,6 +10,7 @@ of its accuracy on every task, which `jaxkv.load_hf` reads back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -187,6 +188,13 @@ def make_train_step(cfg: PretrainConfig, optimizer):
     return train_step
 
 
+@functools.lru_cache(maxsize=8)
+def _train_step_for(cfg: PretrainConfig):
+    """make_train_step(cfg, make_optimizer(cfg)), kept per config: a resumed or repeated run in the
+    same process (a fine-tune's base, then the fine-tune; tests) reuses the compiled step."""
+    return make_train_step(cfg, make_optimizer(cfg))
+
+
 def _checkpoint_manager(directory: str):
     import orbax.checkpoint as ocp
     options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
@@ -255,7 +263,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str, max_steps: Optional[int] = None,
     start = int(state["step"])
     end = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
     params, opt_state = state["params"], state["opt_state"]
-    train_step = make_train_step(cfg, optimizer)
+    train_step = _train_step_for(cfg)
     log_path = os.path.join(out_dir, "train_log.jsonl")
     bar = tqdm(range(start, end), initial=start, total=end, disable=not progress,
                desc="pretrain", dynamic_ncols=True)

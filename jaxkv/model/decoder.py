@@ -9,6 +9,7 @@ Three entry methods, all pure (the cache is passed in and returned):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -224,7 +225,16 @@ def _after(x: jax.Array, cache: Any) -> jax.Array:
 
 def init_params(config: ModelConfig, seed: int = 0):
     """Random parameters for `config` (the pytree `Decoder(config).init` builds)."""
-    tokens = jnp.zeros((1, 2), jnp.int32)
-    # one jit: eager init would compile every small op separately
-    init = jax.jit(lambda rng: Decoder(config).init(rng, tokens)["params"])
+    try:
+        init = _init_fn(config)
+    except TypeError:  # a config built with an unhashable field (a list): not cached
+        init = _init_fn.__wrapped__(config)
     return init(jax.random.PRNGKey(seed))
+
+
+@functools.lru_cache(maxsize=16)
+def _init_fn(config: ModelConfig):
+    """One jitted init per config, kept: eager init would compile every small op separately, and
+    a fresh jit per call would compile it again for every model of the same config."""
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    return jax.jit(lambda rng: Decoder(config).init(rng, tokens)["params"])
