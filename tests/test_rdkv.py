@@ -198,9 +198,9 @@ def test_bad_factory_settings_and_a_budget_below_the_window(tmp_path):
 
 def test_layer_by_layer_prefill_does_not_hold_every_layers_cache():
     """XLA's accounting of the compiled prefill (compiled from abstract parameters, never run):
-    going from 2 to 6 layers, RDKV's peak grows by well under what the dense prefill's does (the
-    dense caches of 4 more layers). Before the next layer's input depended on the compressed
-    cache (`decoder._after`), XLA on CPU scheduled compressions late and the ratio was 1.4."""
+    going from 1 to 3 layers, RDKV's peak grows by well under what the dense prefill's does (the
+    dense caches of 2 more layers): 0.68 of it. Before the next layer's input depended on the
+    compressed cache (`decoder._after`), XLA on CPU scheduled compressions late and it was 1.70."""
     from jaxkv.model import ModelConfig
     from jaxkv.model.decoder import Decoder, init_params
     t = 2048
@@ -220,6 +220,6 @@ def test_layer_by_layer_prefill_does_not_hold_every_layers_cache():
         return m.temp_size_in_bytes + m.output_size_in_bytes
 
     policy = RDKV(budget=0.05, window=16)
-    dense = peak(6, None) - peak(2, None)
-    assert dense >= 4 * 2 * 4 * t * 64 * 4  # at least 4 layers' float32 K and V
-    assert peak(6, policy) - peak(2, policy) < 0.8 * dense
+    dense = peak(3, None) - peak(1, None)
+    assert dense >= 2 * 2 * 4 * t * 64 * 4  # at least 2 layers' float32 K and V
+    assert peak(3, policy) - peak(1, policy) < 0.8 * dense
