@@ -189,10 +189,12 @@ def make_train_step(cfg: PretrainConfig, optimizer):
 
 
 @functools.lru_cache(maxsize=8)
-def _train_step_for(cfg: PretrainConfig):
-    """make_train_step(cfg, make_optimizer(cfg)), kept per config: a resumed or repeated run in the
-    same process (a fine-tune's base, then the fine-tune; tests) reuses the compiled step."""
-    return make_train_step(cfg, make_optimizer(cfg))
+def _optimizer_and_step(cfg: PretrainConfig):
+    """(make_optimizer(cfg), its make_train_step), kept per config: a resumed or repeated run in
+    the same process (a fine-tune's base, then the fine-tune; tests) reuses the compiled step, and
+    the optimiser that initialises the state is the one the step updates with."""
+    optimizer = make_optimizer(cfg)
+    return optimizer, make_train_step(cfg, optimizer)
 
 
 def _checkpoint_manager(directory: str):
@@ -248,7 +250,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str, max_steps: Optional[int] = None,
     from jaxkv.tasks import build_tokenizer
 
     os.makedirs(out_dir, exist_ok=True)
-    optimizer = make_optimizer(cfg)
+    optimizer, train_step = _optimizer_and_step(cfg)
     params = (init_params(cfg.model, cfg.seed) if cfg.base is None
               else base_params(cfg, out_dir, progress))
     opt_state = optimizer.init(params)
@@ -263,7 +265,6 @@ def pretrain(cfg: PretrainConfig, out_dir: str, max_steps: Optional[int] = None,
     start = int(state["step"])
     end = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
     params, opt_state = state["params"], state["opt_state"]
-    train_step = _train_step_for(cfg)
     log_path = os.path.join(out_dir, "train_log.jsonl")
     bar = tqdm(range(start, end), initial=start, total=end, disable=not progress,
                desc="pretrain", dynamic_ncols=True)
