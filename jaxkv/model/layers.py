@@ -127,17 +127,18 @@ def _tiled_attention(q, k, v, scale, q_positions, k_positions, window, sink, bq,
     # padded queries repeat the last position (their rows are dropped); padded keys sit at the
     # largest position, after every query, so the causal mask removes them
     qpos = jnp.pad(q_positions, ((0, 0), (0, nq * bq - t)), mode="edge")
-    kpos = jnp.pad(k_positions, ((0, 0), (0, nk * bk - s)),
-                   constant_values=jnp.iinfo(k_positions.dtype).max)
+    k_tiles = lambda fill: jnp.pad(k_positions, ((0, 0), (0, nk * bk - s)), constant_values=fill
+                                   ).reshape(b, nk, bk).swapaxes(0, 1)  # [NK, B, bk]
+    info = jnp.iinfo(k_positions.dtype)
     qt = jnp.pad(q.astype(f32) * scale, ((0, 0), (0, nq * bq - t), (0, 0), (0, 0)))
     qt = qt.reshape(b, nq, bq, kh, g, d).transpose(1, 0, 3, 4, 2, 5).reshape(nq, b, kh, g * bq, d)
     kv_pad = ((0, 0), (0, nk * bk - s), (0, 0), (0, 0))
     kt = jnp.pad(k.astype(f32), kv_pad).reshape(b, nk, bk, kh, d).transpose(1, 0, 3, 2, 4)
     vt = jnp.pad(v.astype(f32), kv_pad).reshape(b, nk, bk, kh, d).transpose(1, 0, 3, 2, 4)
     qpt = qpos.reshape(b, nq, bq).swapaxes(0, 1)  # [NQ, B, bq]
-    kpt = kpos.reshape(b, nk, bk).swapaxes(0, 1)  # [NK, B, bk]
+    kpt = k_tiles(info.max)
     k_min = kpt.min(axis=(1, 2))
-    k_max = jnp.where(kpt == jnp.iinfo(kpt.dtype).max, jnp.iinfo(kpt.dtype).min, kpt).max(axis=(1, 2))
+    k_max = k_tiles(info.min).max(axis=(1, 2))  # over real keys only: padding sits at the minimum
 
     def query_tile(xs):
         qi, qp = xs  # [B, K, G * bq, D], [B, bq]
