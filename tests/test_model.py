@@ -191,3 +191,20 @@ def test_long_prompt_blocks_shrink_to_the_score_budget(monkeypatch):
                                atol=1e-5, rtol=1e-5)
     temp = blocked.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
     assert temp < 3 * 4 * 32 * t * 4  # far below one 512-query block's scores (4 * 512 * t * 4)
+
+
+def test_forward_positions_default_and_shift_invariance(model):
+    """Explicit RoPE positions (position-skip training): 0..T-1 is the default, and adding one
+    constant to every position leaves the logits unchanged (RoPE sees relative distances only);
+    a skip in the middle changes them only after the skip."""
+    from jaxkv.model import Decoder
+    tokens = jnp.asarray([PROMPTS[1]], jnp.int32)
+    t = tokens.shape[1]
+    run = lambda pos: Decoder(model.config).apply({"params": model.params}, tokens,
+                                                   method=Decoder.forward, positions=pos)
+    base = run(None)
+    assert_close(run(jnp.arange(t, dtype=jnp.int32)[None]), base, "float32", atol=1e-6)
+    assert_close(run(jnp.arange(t, dtype=jnp.int32)[None] + 700), base, "float32", atol=2e-4)
+    skipped = run(jnp.asarray([np.r_[np.arange(4), np.arange(4, t) + 300]], jnp.int32))
+    assert_close(skipped[:, :4], base[:, :4], "float32", atol=1e-6)
+    assert float(jnp.abs(skipped[:, 4:] - base[:, 4:]).max()) > 1e-3

@@ -1,4 +1,5 @@
 """Pretraining: deterministic resume, interrupted checkpoints ignored, 2-step CLI smoke test."""
+import dataclasses
 import json
 import os
 
@@ -8,7 +9,8 @@ import pytest
 
 from jaxkv.model import ModelConfig
 from jaxkv.tasks import EOS_ID, PAD_ID, VOCAB_SIZE
-from train.pretrain import PretrainConfig, Stage, TaskMix, batch_for_step, pretrain
+from train.pretrain import (PretrainConfig, Stage, TaskMix, batch_for_step, config_fingerprint,
+                            pretrain)
 
 TINY_MODEL = ModelConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128,
@@ -153,3 +155,29 @@ def test_fine_tune_refuses_a_base_folder_of_another_config(tmp_path):
         pretrain(tiny_config(steps=3, base=base), out, progress=False)
     with pytest.raises(ValueError, match="base"):
         tiny_config(steps=3, base=base.replace(model=TINY_MODEL.replace(hidden_size=64)))
+
+
+def test_position_span_gives_each_sequence_one_skip_and_keeps_the_tokens():
+    plain = tiny_config()
+    spans = plain.replace(stages=tuple(dataclasses.replace(s, position_span=300)
+                                       for s in plain.stages))
+    a, b = batch_for_step(plain, 3), batch_for_step(spans, 3)
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])  # drawn after the examples
+    np.testing.assert_array_equal(a["positions"], np.broadcast_to(np.arange(80), (4, 80)))
+    lengths = (a["tokens"] != PAD_ID).sum(1)
+    gaps = np.diff(b["positions"], axis=1)
+    assert (gaps >= 1).all() and ((gaps > 1).sum(1) <= 1).all()  # increasing, one skip at most
+    assert (b["positions"][:, 0] == 0).all()  # <bos> stays at 0
+    assert (b["positions"][np.arange(4), lengths - 1] < 300).all()
+    assert (gaps > 1).any()
+    assert config_fingerprint(spans) != config_fingerprint(plain)
+    with pytest.raises(ValueError, match="position_span=80"):
+        Stage(2, 80, MIX, position_span=80)
+
+
+def test_fine_tune_may_change_the_context_bound_and_nothing_else():
+    base = tiny_config()
+    longer = TINY_MODEL.replace(max_position_embeddings=512)
+    assert tiny_config(base=base).replace(model=longer).model.max_position_embeddings == 512
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        tiny_config(base=base).replace(model=TINY_MODEL.replace(num_layers=3))

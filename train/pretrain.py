@@ -43,11 +43,18 @@ class TaskMix:
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One curriculum stage: `steps` optimiser steps on sequences of `seq_len` tokens."""
+    """One curriculum stage: `steps` optimiser steps on sequences of `seq_len` tokens.
+
+    position_span: when set, every sequence's RoPE positions get one random skip (positional
+    skip-wise training, PoSE: Zhu et al., 2024): positions 0..c-1, then c+u.. for a random split
+    c and gap u, the last position below `position_span`. The model computes `seq_len` tokens but
+    sees relative distances (to the first tokens, the needle, ...) up to `position_span`, which a
+    model trained on short sequences otherwise never sees and fails on."""
 
     steps: int
     seq_len: int
     tasks: Tuple[TaskMix, ...]
+    position_span: Optional[int] = None
 
     def __post_init__(self):
         if self.steps < 1:
@@ -58,6 +65,17 @@ class Stage:
             if t.make().max_len > self.seq_len:
                 raise ValueError(f"task {t.label} needs up to {t.make().max_len} tokens, more than "
                                  f"the stage's seq_len={self.seq_len}")
+        if self.position_span is not None and not (isinstance(self.position_span, int)
+                                                   and self.position_span > self.seq_len):
+            raise ValueError(f"position_span={self.position_span!r} is not allowed; expected None "
+                             f"or an integer > seq_len={self.seq_len}")
+
+    def __repr__(self):
+        # position_span only when set: the repr is part of config_fingerprint, and the shipped
+        # model's fingerprint was taken before the field existed
+        span = "" if self.position_span is None else f", position_span={self.position_span!r}"
+        return (f"Stage(steps={self.steps!r}, seq_len={self.seq_len!r}, "
+                f"tasks={self.tasks!r}{span})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,10 +126,12 @@ class PretrainConfig:
             if not isinstance(self.base, PretrainConfig):
                 raise ValueError(f"base={self.base!r} is not allowed; expected None or a "
                                  f"PretrainConfig")
-            if self.base.model != self.model:
+            # the context bound may grow (it holds no weights: RoPE has no position table)
+            if (dataclasses.replace(self.base.model, max_position_embeddings=1)
+                    != dataclasses.replace(self.model, max_position_embeddings=1)):
                 raise ValueError("base: the base config trains another model shape "
                                  f"({self.base.model}); a fine-tune keeps the model of its base "
-                                 f"({self.model})")
+                                 f"({self.model}), except max_position_embeddings")
 
     @property
     def total_steps(self) -> int:
@@ -156,7 +176,8 @@ def make_optimizer(cfg: PretrainConfig) -> optax.GradientTransformation:
 
 
 def batch_for_step(cfg: PretrainConfig, step: int):
-    """The (deterministic) training batch of `step`: tokens, loss_mask int32/float32 [B, seq]."""
+    """The (deterministic) training batch of `step`: tokens, loss_mask, positions
+    int32/float32/int32 [B, seq] (positions with one skip each under `Stage.position_span`)."""
     from jaxkv.tasks import make_training_batch
     stage = cfg.stage_at(step)
     rng = np.random.default_rng([cfg.seed, step])
@@ -164,12 +185,22 @@ def batch_for_step(cfg: PretrainConfig, step: int):
     picks = rng.choice(len(stage.tasks), size=cfg.batch_size, p=weights / weights.sum())
     tasks = [t.make() for t in stage.tasks]
     examples = [tasks[i].sample(rng) for i in picks]
-    return make_training_batch(examples, stage.seq_len)
+    batch = make_training_batch(examples, stage.seq_len)
+    positions = np.broadcast_to(np.arange(stage.seq_len, dtype=np.int32),
+                                batch["tokens"].shape).copy()
+    if stage.position_span is not None:  # drawn after the examples: other stages' batches unchanged
+        for b, ex in enumerate(examples):
+            n = len(ex.prompt_ids) + len(ex.target_ids)
+            split = int(rng.integers(1, n))  # the skip goes before token `split` (never <bos>)
+            positions[b, split:] += int(rng.integers(0, stage.position_span - stage.seq_len + 1))
+    batch["positions"] = positions
+    return batch
 
 
-def loss_fn(params, tokens, loss_mask, config: ModelConfig):
-    """Next-token cross-entropy on target positions. tokens, loss_mask: [B, T]."""
-    logits = Decoder(config).apply({"params": params}, tokens[:, :-1], method=Decoder.forward)
+def loss_fn(params, tokens, loss_mask, config: ModelConfig, positions=None):
+    """Next-token cross-entropy on target positions. tokens, loss_mask, positions: [B, T]."""
+    logits = Decoder(config).apply({"params": params}, tokens[:, :-1], method=Decoder.forward,
+                                   positions=None if positions is None else positions[:, :-1])
     xent = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                            tokens[:, 1:])
     mask = loss_mask[:, :-1]
@@ -180,9 +211,9 @@ def loss_fn(params, tokens, loss_mask, config: ModelConfig):
 
 def make_train_step(cfg: PretrainConfig, optimizer):
     @jax.jit
-    def train_step(params, opt_state, tokens, loss_mask):
+    def train_step(params, opt_state, tokens, loss_mask, positions):
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, tokens, loss_mask, cfg.model)
+            params, tokens, loss_mask, cfg.model, positions)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, acc
     return train_step
@@ -273,7 +304,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str, max_steps: Optional[int] = None,
     for step in bar:
         batch = batch_for_step(cfg, step)
         params, opt_state, loss, acc = train_step(params, opt_state, jnp.asarray(batch["tokens"]),
-                                                  jnp.asarray(batch["loss_mask"]))
+                                                  jnp.asarray(batch["loss_mask"]),
+                                                  jnp.asarray(batch["positions"]))
         loss, acc = float(loss), float(acc)
         bar.set_postfix(loss=f"{loss:.3f}", tok_acc=f"{acc:.3f}",
                         seq=cfg.stage_at(step).seq_len)

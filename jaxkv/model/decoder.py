@@ -134,10 +134,16 @@ class Decoder(nn.Module):
         return self.forward(tokens)
 
     def forward(self, tokens, attention_fn: Optional[AttentionFn] = None,
-                return_hidden: bool = False):
-        """tokens: [B, T] -> logits [B, T, V] (and final hidden states [B, T, E] if asked)."""
+                return_hidden: bool = False, positions: Optional[jax.Array] = None):
+        """tokens: [B, T] -> logits [B, T, V] (and final hidden states [B, T, E] if asked).
+
+        positions: [B, T] int RoPE positions, increasing along T (default 0..T-1). Training
+        with skips in them (`train.pretrain.Stage.position_span`) shows the model relative
+        distances longer than the sequence it computes.
+        """
         b, t = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             q, k, v = layer.qkv(x, positions)
