@@ -1,35 +1,52 @@
-"""The embedded default model: a tiny decoder trained by `python -m train pretrain` on the
-generated tasks and shipped in the package (jaxkv/assets/tiny) so demos and tests start at once."""
+"""The embedded default models: tiny decoders trained by `python -m train pretrain` on the
+generated tasks and shipped in the package (jaxkv/assets/<name>) so demos and tests start at once.
+
+* ``tiny`` (configs/tiny.py): the default; retrieval prompts of 224 tokens. The RLKV / DuoAttention
+  gates and the RDKV eps table shipped beside it are calibrated on it.
+* ``tiny_long`` (configs/tiny_long.py): ``tiny`` fine-tuned with skips in its RoPE positions so its
+  retrieval works on 1K-token prompts (context 2048).
+"""
 from __future__ import annotations
 
 import json
 import os
 from typing import Optional
 
-ASSET_DIR = os.path.join(os.path.dirname(__file__), "assets", "tiny")
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+#: name -> the config module whose `python -m train pretrain` run reproduces it
+EMBEDDED_CONFIGS = {"tiny": "configs.tiny", "tiny_long": "configs.tiny_long"}
+ASSET_DIR = os.path.join(ASSETS, "tiny")
 
 
-def embedded_model_path(run_dir: Optional[str] = None) -> Optional[str]:
+def _asset_dir(name: str) -> str:
+    if name not in EMBEDDED_CONFIGS:
+        raise ValueError(f"name={name!r} is not an embedded model; allowed: "
+                         f"{sorted(EMBEDDED_CONFIGS)}")
+    return os.path.join(ASSETS, name)
+
+
+def embedded_model_path(run_dir: Optional[str] = None, name: str = "tiny") -> Optional[str]:
     """The shipped model folder, else `run_dir/model` if a local run exported one, else None."""
-    for path in (ASSET_DIR, os.path.join(run_dir, "model") if run_dir else None):
+    for path in (_asset_dir(name), os.path.join(run_dir, "model") if run_dir else None):
         if path and os.path.exists(os.path.join(path, "model.safetensors")):
             return path
     return None
 
 
-def load_embedded(path: Optional[str] = None, dtype: str = "float32"):
-    """Load the embedded model (a `jaxkv.Model` with its word-level tokenizer)."""
+def load_embedded(path: Optional[str] = None, dtype: str = "float32", name: str = "tiny"):
+    """Load an embedded model (a `jaxkv.Model` with its word-level tokenizer)."""
     from jaxkv.hf import load_hf
-    path = path or embedded_model_path()
+    path = path or embedded_model_path(name=name)
     if path is None:
+        config = EMBEDDED_CONFIGS[name].replace(".", "/") + ".py"
         raise FileNotFoundError(
-            f"{ASSET_DIR}: the embedded model is missing; train it with "
-            "`python -m train pretrain --config configs/tiny.py --out runs/tiny`")
+            f"{_asset_dir(name)}: the embedded model is missing; train it with "
+            f"`python -m train pretrain --config {config} --out runs/{name}`")
     return load_hf(path, dtype=dtype)
 
 
-def embedded_report(path: Optional[str] = None) -> dict:
+def embedded_report(path: Optional[str] = None, name: str = "tiny") -> dict:
     """The training report shipped beside the model (steps, seed, accuracy per task)."""
-    path = path or embedded_model_path()
+    path = path or embedded_model_path(name=name)
     with open(os.path.join(path, "train_report.json")) as f:
         return json.load(f)

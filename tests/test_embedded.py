@@ -1,50 +1,73 @@
-"""The shipped embedded model: it is the one configs/tiny.py trains, every task is reported, and it
-solves the benchmark tasks (configs/tiny.py BENCHMARK)."""
+"""The shipped embedded models: each is the one its committed config trains, every task is
+reported, and it solves its benchmark tasks (the config's BENCHMARK)."""
+import importlib
+
 import pytest
 
-from jaxkv.embedded import embedded_model_path, embedded_report, load_embedded
+from jaxkv.embedded import EMBEDDED_CONFIGS, embedded_model_path, embedded_report, load_embedded
 from train.config_loading import load_config
 from train.pretrain import config_fingerprint, evaluate_tasks
 
-N_FRESH = 40  # fresh examples per task, seeds unlike the report's
+N_FRESH = {"tiny": 40, "tiny_long": 20}  # fresh examples per task, seeds unlike the report's
 
-# jaxkv/assets/tiny is committed; `python -m train pretrain --config configs/tiny.py --out runs/tiny`
-# reproduces it (about 2 h 20 min on 2 cores). Skipped only in a checkout without the asset.
-pytestmark = pytest.mark.skipif(
-    embedded_model_path() is None,
-    reason="jaxkv/assets/tiny is missing from this checkout")
+# jaxkv/assets/<name> is committed; `python -m train pretrain --config configs/<name>.py` reproduces
+# it (tiny: about 2 h 20 min on 2 cores; tiny_long: 50 min more). Skipped only in a checkout
+# without the asset.
+NAMES = [pytest.param(name, marks=pytest.mark.skipif(
+    embedded_model_path(name=name) is None, reason=f"jaxkv/assets/{name} is missing"))
+    for name in EMBEDDED_CONFIGS]
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load_embedded()
+def models():
+    return {}
 
 
-def test_shipped_model_matches_the_committed_config():
-    path = embedded_model_path()
-    cfg = load_config("configs.tiny")
-    report = embedded_report(path)
+def _model(models, name):
+    if name not in models:
+        models[name] = load_embedded(name=name)
+    return models[name]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_model_matches_the_committed_config(name):
+    cfg = load_config(EMBEDDED_CONFIGS[name])
+    report = embedded_report(name=name)
     assert report["config_fingerprint"] == config_fingerprint(cfg)
     assert report["steps"] == cfg.total_steps and report["seed"] == cfg.seed
 
 
-def test_shipped_model_has_enough_kv_heads(model):
-    c = model.config
+@pytest.mark.parametrize("name", NAMES)
+def test_shipped_model_has_enough_kv_heads(models, name):
+    c = _model(models, name).config
     assert c.num_layers * c.num_kv_heads >= 16 and c.num_heads > c.num_kv_heads  # GQA
 
 
-def test_report_accuracy_at_least_95_percent():
-    from configs.tiny import BENCHMARK, EVAL_TASKS
-    report = embedded_report()
+@pytest.mark.parametrize("name", NAMES)
+def test_report_accuracy_at_least_95_percent(name):
+    config = importlib.import_module(EMBEDDED_CONFIGS[name])
+    report = embedded_report(name=name)
     assert report["eval_samples"] >= 100
-    assert set(report["accuracy"]) == {t.name for t in EVAL_TASKS}  # every task is reported
-    for task in BENCHMARK:  # the benchmark is the tasks the model solves
+    assert set(report["accuracy"]) == {t.name for t in config.EVAL_TASKS}  # every task is reported
+    assert report["eval_tasks"] == {t.name: dict(t.settings) for t in config.EVAL_TASKS}
+    for task in config.BENCHMARK:  # the benchmark is the tasks the model solves
         assert report["accuracy"][task] >= 0.95, f"{task}: {report['accuracy'][task]}"
-    assert set(BENCHMARK) >= {"running_sum", "niah_single", "passkey"}  # a reasoning task, retrieval
+    assert set(config.BENCHMARK) >= {"running_sum", "niah_single", "passkey"}  # reasoning, retrieval
 
 
-def test_fresh_examples_are_solved(model):
-    from configs.tiny import BENCHMARK_TASKS
-    acc = evaluate_tasks(model, BENCHMARK_TASKS, N_FRESH, seed=777, batch_size=N_FRESH)
-    # 40 fresh samples per task: >= 0.9 leaves room for sampling noise around a >= 0.95 model
+def test_long_model_is_evaluated_at_1k_tokens():
+    from configs.tiny_long import BENCHMARK_TASKS, CONFIG
+    lengths = {dict(t.settings).get("length") for t in BENCHMARK_TASKS} - {None}
+    assert lengths == {1024} and CONFIG.model.max_position_embeddings >= 1024 + 16
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fresh_examples_are_solved(models, name):
+    config = importlib.import_module(EMBEDDED_CONFIGS[name])
+    tasks = config.BENCHMARK_TASKS
+    if name == "tiny_long":  # its reasoning task is its base's; the 1K prompts are what it adds
+        tasks = tuple(t for t in tasks if t.name != "running_sum")
+    n = N_FRESH[name]
+    acc = evaluate_tasks(_model(models, name), tasks, n, seed=777, batch_size=n)
+    # fresh samples: >= 0.9 leaves room for sampling noise around a >= 0.95 model
     assert all(a >= 0.9 for a in acc.values()), acc
