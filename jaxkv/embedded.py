@@ -15,7 +15,6 @@ from typing import Optional
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 #: name -> the config module whose `python -m train pretrain` run reproduces it
 EMBEDDED_CONFIGS = {"tiny": "configs.tiny", "tiny_long": "configs.tiny_long"}
-ASSET_DIR = os.path.join(ASSETS, "tiny")
 
 
 def _asset_dir(name: str) -> str:
@@ -23,6 +22,9 @@ def _asset_dir(name: str) -> str:
         raise ValueError(f"name={name!r} is not an embedded model; allowed: "
                          f"{sorted(EMBEDDED_CONFIGS)}")
     return os.path.join(ASSETS, name)
+
+
+ASSET_DIR = _asset_dir("tiny")  # the default model's folder (its gates and eps table live there)
 
 
 def embedded_model_path(run_dir: Optional[str] = None, name: str = "tiny") -> Optional[str]:

@@ -24,6 +24,15 @@ import optax
 from jaxkv.model import Decoder, Model, ModelConfig, init_params
 
 
+def _repr_unless_none(obj, later: str) -> str:
+    """The dataclass repr of `obj` without the field `later` while it is None: a field added after
+    the shipped model's fingerprint was taken (that repr had none) leaves the repr unchanged."""
+    fields = [f for f in dataclasses.fields(obj)
+              if not (f.name == later and getattr(obj, later) is None)]
+    return (f"{type(obj).__qualname__}("
+            + ", ".join(f"{f.name}={getattr(obj, f.name)!r}" for f in fields) + ")")
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskMix:
     """A task of the mixture: registry name, sampling weight, settings as (key, value) pairs."""
@@ -70,12 +79,8 @@ class Stage:
             raise ValueError(f"position_span={self.position_span!r} is not allowed; expected None "
                              f"or an integer > seq_len={self.seq_len}")
 
-    def __repr__(self):
-        # position_span only when set: the repr is part of config_fingerprint, and the shipped
-        # model's fingerprint was taken before the field existed
-        span = "" if self.position_span is None else f", position_span={self.position_span!r}"
-        return (f"Stage(steps={self.steps!r}, seq_len={self.seq_len!r}, "
-                f"tasks={self.tasks!r}{span})")
+    def __repr__(self):  # part of config_fingerprint
+        return _repr_unless_none(self, "position_span")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,12 +156,9 @@ class PretrainConfig:
 def config_fingerprint(cfg: PretrainConfig) -> str:
     """sha256 of the config's repr: the shipped model's report records it, and a test checks it
     against configs/tiny.py, so a config changed without retraining is caught. `base` is left
-    out while it is None (the field came after the shipped model; its repr had none)."""
+    out while it is None, as is a Stage's `position_span` (both came after the shipped model)."""
     import hashlib
-    fields = [f for f in dataclasses.fields(cfg) if not (f.name == "base" and cfg.base is None)]
-    text = (f"{type(cfg).__qualname__}("
-            + ", ".join(f"{f.name}={getattr(cfg, f.name)!r}" for f in fields) + ")")
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return hashlib.sha256(_repr_unless_none(cfg, "base").encode()).hexdigest()[:16]
 
 
 def make_optimizer(cfg: PretrainConfig) -> optax.GradientTransformation:
