@@ -208,3 +208,17 @@ def test_forward_positions_default_and_shift_invariance(model):
     skipped = run(jnp.asarray([np.r_[np.arange(4), np.arange(4, t) + 300]], jnp.int32))
     assert_close(skipped[:, :4], base[:, :4], "float32", atol=1e-6)
     assert float(jnp.abs(skipped[:, 4:] - base[:, 4:]).max()) > 1e-3
+
+
+def test_init_params_after_a_traced_first_call():
+    """The per-config init is cached; a first call under a trace (load_hf's eval_shape) must not
+    leave a tracer in the cached function that a later eager call then leaks."""
+    from jaxkv.model import ModelConfig
+    from jaxkv.model.decoder import init_params
+    config = ModelConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=1,
+                         num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=32)
+    shapes = jax.eval_shape(lambda: init_params(config, 0))
+    params = init_params(config, 0)
+    assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), params) == \
+        jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), shapes)
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree_util.tree_leaves(params))

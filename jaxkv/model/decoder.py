@@ -242,5 +242,6 @@ def init_params(config: ModelConfig, seed: int = 0):
 def _init_fn(config: ModelConfig):
     """One jitted init per config, kept: eager init would compile every small op separately, and
     a fresh jit per call would compile it again for every model of the same config."""
-    tokens = jnp.zeros((1, 2), jnp.int32)
-    return jax.jit(lambda rng: Decoder(config).init(rng, tokens)["params"])
+    # The dummy tokens are made inside the traced function: one made here, on a first call under
+    # a trace (load_hf's eval_shape), would be a tracer the cached function keeps and leaks later.
+    return jax.jit(lambda rng: Decoder(config).init(rng, jnp.zeros((1, 2), jnp.int32))["params"])
