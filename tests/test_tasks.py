@@ -73,12 +73,25 @@ def solve(example: Example) -> str:
             rhs = defs[v]
             return int(rhs[0]) if len(rhs) == 1 else (value(rhs[0]) + int(rhs[2])) % 10
         return str(value(w[-1]))
-    if example.task in ("niah_single", "niah_multikey"):
-        marker = "NIAH" if example.task == "niah_single" else "MK"
+    if example.task == "niah_single":
         key = w[-4:-1]
-        hits = [n[4:] for n in _needles(w, marker) if n[:3] == key]
+        hits = [n[4:] for n in _needles(w, "NIAH") if n[:3] == key]
         assert len(hits) == 1
         return " ".join(hits[0])
+    if example.task == "niah_multikey":  # any key length; the target may ask further queries
+        table = {}
+        for n in _needles(w, "MK"):
+            eq = n.index("=")
+            table[tuple(n[:eq])] = " ".join(n[eq + 1:])
+        queries = " ".join(w[w.index("Q"):] + example.target.split()).split(" ; ")
+        answers = []
+        for q in queries:
+            q = q.split()
+            key, said = tuple(q[1:q.index("?")]), " ".join(q[q.index(":") + 1:])
+            assert table[key] == said
+            answers.append(table[key])
+        assert len(set(answers)) == len(answers)  # distinct needles queried
+        return answers[-1]
     if example.task == "niah_multivalue":
         key = w[-4:-1]
         return " , ".join(" ".join(n[4:]) for n in _needles(w, "MV") if n[:3] == key)
@@ -108,6 +121,8 @@ EXTRA_TASKS = [
     NiahSingle(length=1000, depth=1.0),
     NiahMultiKey(n_keys=1, length=64),
     NiahMultiKey(n_keys=32, length=2048, depth=0.5),
+    NiahMultiKey(n_keys=4, length=64, key_len=1, n_queries=4),
+    NiahMultiKey(n_keys=8, length=256, key_len=2, n_queries=3, depth=0.1),
     NiahMultiValue(n_values=1, length=64),
     NiahMultiValue(n_values=8, length=512),
     VariableTracking(n_chains=1, n_hops=1, length=64),
@@ -380,6 +395,9 @@ def test_retrieval_depth_setting():
         (lambda: Passkey(length=8193), r"length=8193"),
         (lambda: NiahSingle(depth=1.5), r"depth=1.5"),
         (lambda: NiahMultiKey(n_keys=8, length=64), r"length=64 .*n_keys=8"),
+        (lambda: NiahMultiKey(key_len=0), r"key_len=0 .*\[1, 8\]"),
+        (lambda: NiahMultiKey(n_keys=27, key_len=1), r"n_keys=27 .*key_len=1.*<= 26"),
+        (lambda: NiahMultiKey(n_keys=8, n_queries=9), r"n_queries=9 .*\[1, 8\]"),
         (lambda: NiahMultiValue(n_values=0), r"n_values=0"),
         (lambda: VariableTracking(n_chains=8, n_hops=4), r"n_chains=8, n_hops=4 .*<= 32"),
         (lambda: make_task("var_chain", n_vars=-3), r"n_vars=-3"),
@@ -544,3 +562,15 @@ def test_running_sum_random_offset_labels_and_default():
         make_task("running_sum", n_digits=2).make_example([1, 2], offset=63)
     with pytest.raises(ValueError, match="random_offset"):
         make_task("running_sum", random_offset="yes")
+
+
+def test_multikey_curriculum_settings_leave_the_default_stream_unchanged():
+    """key_len / n_queries came after the shipped models were trained on niah_multikey: at their
+    defaults the examples are the ones drawn before (pinned hash), so those runs reproduce."""
+    import hashlib
+    ex = sample_examples(NiahMultiKey(length=224), 8, 0)
+    digest = hashlib.sha256("|".join(e.prompt + "#" + e.target for e in ex).encode()).hexdigest()
+    assert digest[:16] == "2935eea48939bcda"
+    one = NiahMultiKey(length=96, n_keys=6, key_len=1, n_queries=3).sample(np.random.default_rng(3))
+    assert one.target.count("Q ") == 2 and one.target.count("A :") == 3
+    assert all(len(k) == 1 for k in re.findall(r"MK (\S+) =", one.prompt))

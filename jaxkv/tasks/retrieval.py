@@ -165,34 +165,57 @@ class NiahSingle(_HaystackTask):
 class NiahMultiKey(_HaystackTask):
     """``n_keys`` needles ``MK k k k = v v v v .`` with distinct keys (and values); one is
     queried. ``depth`` fixes the depth of the queried needle (None: random); the others are
-    at random depths."""
+    at random depths.
+
+    Two settings make curriculum variants (the defaults are the benchmark task):
+    ``key_len`` letters per key (1..8; ``n_keys <= 26 ** key_len``), and ``n_queries``
+    distinct needles queried (1..n_keys): the prompt ends with the first query and the target
+    asks and answers the others, ``A : v.. ; Q k.. ? A : v.. ; ...`` (the answer checked is the
+    last one). Several queries per sequence give the key-matching step more supervision per
+    training example (as in multi-query associative recall, Arora et al., 2024)."""
 
     name: ClassVar[str] = "niah_multikey"
 
     n_keys: int = 8  # allowed 1..64 (and needles must fit in `length`)
     depth: float | None = None
+    key_len: int = KEY_LEN
+    n_queries: int = 1
 
     def _check_settings(self):
         self._check_int("n_keys", 1, 64)
         self._check_optional_unit_float("depth")
+        self._check_int("key_len", 1, 8)
+        if self.n_keys > len(LETTER_TOKENS) ** self.key_len:
+            raise ValueError(
+                f"NiahMultiKey: n_keys={self.n_keys} is not allowed with key_len={self.key_len}; "
+                f"expected n_keys <= {len(LETTER_TOKENS) ** self.key_len} distinct keys")
+        self._check_int("n_queries", 1, self.n_keys)
 
     @property
     def _fixed_tokens(self) -> int:
-        return self.n_keys * (3 + KEY_LEN + VALUE_LEN) + (KEY_LEN + 2)
+        return self.n_keys * (3 + self.key_len + VALUE_LEN) + (self.key_len + 2)
 
     @property
     def _target_len(self) -> int:
-        return 2 + VALUE_LEN + 1
+        # A : v v v v (; Q k.. ? A : v v v v)* <eos>
+        return 2 + VALUE_LEN + (self.n_queries - 1) * (self.key_len + 5 + VALUE_LEN) + 1
 
     def sample(self, rng: np.random.Generator) -> Example:
         rng = self._check_rng(rng)
-        keys = _distinct_words(rng, KEY_LEN, LETTER_TOKENS, self.n_keys)
+        keys = _distinct_words(rng, self.key_len, LETTER_TOKENS, self.n_keys)
         values = _distinct_words(rng, VALUE_LEN, DIGIT_TOKENS, self.n_keys)
         q = int(rng.integers(0, self.n_keys))
         positions = rng.integers(0, self._n_filler + 1, size=self.n_keys).tolist()
         positions[q] = self._depth_position(rng, self.depth)
         needles = [(p, f"MK {k} = {v} .") for p, k, v in zip(positions, keys, values)]
-        return self._assemble(rng, needles, f"Q {keys[q]} ?", f"A : {values[q]}", values[q])
+        target = f"A : {values[q]}"
+        answer = values[q]
+        if self.n_queries > 1:  # drawn last: the one-query stream is unchanged
+            others = [i for i in rng.permutation(self.n_keys).tolist() if i != q]
+            for i in others[: self.n_queries - 1]:
+                target += f" ; Q {keys[i]} ? A : {values[i]}"
+                answer = values[i]
+        return self._assemble(rng, needles, f"Q {keys[q]} ?", target, answer)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
