@@ -89,6 +89,8 @@ def solve(example: Example) -> str:
             q = q.split()
             key, said = tuple(q[1:q.index("?")]), " ".join(q[q.index(":") + 1:])
             assert table[key] == said
+            if q[q.index("?") + 1] == "MK":  # quote=True: the needle is quoted before the answer
+                assert q[q.index("?") + 1:q.index("A")] == ["MK", *key, "=", *said.split(), "."]
             answers.append(table[key])
         assert len(set(answers)) == len(answers)  # distinct needles queried
         return answers[-1]
@@ -123,6 +125,8 @@ EXTRA_TASKS = [
     NiahMultiKey(n_keys=32, length=2048, depth=0.5),
     NiahMultiKey(n_keys=4, length=64, key_len=1, n_queries=4),
     NiahMultiKey(n_keys=8, length=256, key_len=2, n_queries=3, depth=0.1),
+    NiahMultiKey(n_keys=8, length=128, quote=True),
+    NiahMultiKey(n_keys=6, length=96, key_len=1, n_queries=2, quote=True),
     NiahMultiValue(n_values=1, length=64),
     NiahMultiValue(n_values=8, length=512),
     VariableTracking(n_chains=1, n_hops=1, length=64),
@@ -398,6 +402,7 @@ def test_retrieval_depth_setting():
         (lambda: NiahMultiKey(key_len=0), r"key_len=0 .*\[1, 8\]"),
         (lambda: NiahMultiKey(n_keys=27, key_len=1), r"n_keys=27 .*key_len=1.*<= 26"),
         (lambda: NiahMultiKey(n_keys=8, n_queries=9), r"n_queries=9 .*\[1, 8\]"),
+        (lambda: NiahMultiKey(quote=1), r"quote=1 .*True or False"),
         (lambda: NiahMultiValue(n_values=0), r"n_values=0"),
         (lambda: VariableTracking(n_chains=8, n_hops=4), r"n_chains=8, n_hops=4 .*<= 32"),
         (lambda: make_task("var_chain", n_vars=-3), r"n_vars=-3"),

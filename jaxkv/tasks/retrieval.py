@@ -172,7 +172,10 @@ class NiahMultiKey(_HaystackTask):
     distinct needles queried (1..n_keys): the prompt ends with the first query and the target
     asks and answers the others, ``A : v.. ; Q k.. ? A : v.. ; ...`` (the answer checked is the
     last one). Several queries per sequence give the key-matching step more supervision per
-    training example (as in multi-query associative recall, Arora et al., 2024)."""
+    training example (as in multi-query associative recall, Arora et al., 2024). ``quote=True``
+    makes each answer a short chain of thought that first quotes the queried needle,
+    ``MK k.. = v.. . A : v..``: the value is then read by matching the tokens just written (the
+    induction pattern running_sum's lookups use) instead of a key three tokens back."""
 
     name: ClassVar[str] = "niah_multikey"
 
@@ -180,6 +183,7 @@ class NiahMultiKey(_HaystackTask):
     depth: float | None = None
     key_len: int = KEY_LEN
     n_queries: int = 1
+    quote: bool = False
 
     def _check_settings(self):
         self._check_int("n_keys", 1, 64)
@@ -190,6 +194,9 @@ class NiahMultiKey(_HaystackTask):
                 f"NiahMultiKey: n_keys={self.n_keys} is not allowed with key_len={self.key_len}; "
                 f"expected n_keys <= {len(LETTER_TOKENS) ** self.key_len} distinct keys")
         self._check_int("n_queries", 1, self.n_keys)
+        if not isinstance(self.quote, bool):
+            raise ValueError(f"NiahMultiKey: quote={self.quote!r} is not allowed; expected True or "
+                             f"False")
 
     @property
     def _fixed_tokens(self) -> int:
@@ -198,7 +205,8 @@ class NiahMultiKey(_HaystackTask):
     @property
     def _target_len(self) -> int:
         # A : v v v v (; Q k.. ? A : v v v v)* <eos>
-        return 2 + VALUE_LEN + (self.n_queries - 1) * (self.key_len + 5 + VALUE_LEN) + 1
+        quoted = (3 + self.key_len + VALUE_LEN) * self.n_queries if self.quote else 0
+        return 2 + VALUE_LEN + (self.n_queries - 1) * (self.key_len + 5 + VALUE_LEN) + 1 + quoted
 
     def sample(self, rng: np.random.Generator) -> Example:
         rng = self._check_rng(rng)
@@ -208,12 +216,14 @@ class NiahMultiKey(_HaystackTask):
         positions = rng.integers(0, self._n_filler + 1, size=self.n_keys).tolist()
         positions[q] = self._depth_position(rng, self.depth)
         needles = [(p, f"MK {k} = {v} .") for p, k, v in zip(positions, keys, values)]
-        target = f"A : {values[q]}"
+        answer_of = (lambda i: f"MK {keys[i]} = {values[i]} . A : {values[i]}") if self.quote \
+            else (lambda i: f"A : {values[i]}")
+        target = answer_of(q)
         answer = values[q]
         if self.n_queries > 1:  # drawn last: the one-query stream is unchanged
             others = [i for i in rng.permutation(self.n_keys).tolist() if i != q]
             for i in others[: self.n_queries - 1]:
-                target += f" ; Q {keys[i]} ? A : {values[i]}"
+                target += f" ; Q {keys[i]} ? {answer_of(i)}"
                 answer = values[i]
         return self._assemble(rng, needles, f"Q {keys[q]} ?", target, answer)
 
