@@ -8,6 +8,7 @@ Teacher-forced exact match over the answer equals greedy exact match of that ans
     python benchmarks/keymatch_probe.py --variant plain   --steps 300   # 2-8 keys of 3 letters
     python benchmarks/keymatch_probe.py --variant queries --steps 500   # 1-letter keys, 2-4 queries
     python benchmarks/keymatch_probe.py --variant quote   --steps 1000  # answer quotes the needle
+    python benchmarks/keymatch_probe.py --variant adjacent --steps 400  # quote, no "=" in needles
     python benchmarks/keymatch_probe.py --variant scratch --steps 400   # random init, 1-letter keys
 
 Writes `--out`/results.json (the curves and the per-token accuracies) and accuracy.png.
@@ -23,11 +24,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _mk(length, n_keys, key_len=3, n_queries=1, quote=False):
+def _mk(length, n_keys, key_len=3, n_queries=1, quote=False, equals=True):
     from train.pretrain import TaskMix
     settings = (("length", length), ("n_keys", n_keys), ("key_len", key_len),
                 ("n_queries", n_queries))
-    return TaskMix("niah_multikey", 1.0, settings + ((("quote", True),) if quote else ()))
+    settings += (("quote", True),) if quote else ()
+    return TaskMix("niah_multikey", 1.0, settings + ((("equals", False),) if not equals else ()))
 
 
 # variant -> (training tasks, probe tasks, seq_len, peak learning rate, from scratch)
@@ -39,6 +41,10 @@ VARIANTS = {
     "quote": ((_mk(64, 4, 1, quote=True), _mk(80, 8, 1, quote=True), _mk(96, 8, quote=True)),
               (_mk(64, 4, 1, quote=True), _mk(80, 8, 1, quote=True), _mk(96, 8, quote=True),
                _mk(224, 8, quote=True)), 128, 1e-3, False),
+    "adjacent": ((_mk(64, 4, 1, quote=True, equals=False), _mk(80, 8, 1, quote=True, equals=False),
+                  _mk(96, 8, quote=True, equals=False)),
+                 (_mk(64, 4, 1, quote=True, equals=False), _mk(80, 8, 1, quote=True, equals=False),
+                  _mk(96, 8, quote=True, equals=False)), 128, 1e-3, False),
     "scratch": ((_mk(64, 4, 1, 4), _mk(64, 4, 1), _mk(80, 6, 1)),
                 (_mk(64, 4, 1), _mk(80, 6, 1), _mk(96, 8)), 112, 3e-3, True),
 }

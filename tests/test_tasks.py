@@ -42,6 +42,9 @@ from jaxkv.tasks.jsonl import (
 # ----------------------------------------------------------------------------------------------
 
 
+VALUE_DIGITS = 4  # digits per NIAH value
+
+
 def _needles(words, marker):
     """Spans ``marker ... .`` in a word list -> list of word lists (without marker and '.')."""
     out, k = [], 0
@@ -81,8 +84,8 @@ def solve(example: Example) -> str:
     if example.task == "niah_multikey":  # any key length; the target may ask further queries
         table = {}
         for n in _needles(w, "MK"):
-            eq = n.index("=")
-            table[tuple(n[:eq])] = " ".join(n[eq + 1:])
+            eq = n.index("=") if "=" in n else len(n) - VALUE_DIGITS  # equals=False: no "="
+            table[tuple(n[:eq])] = " ".join(n[eq + ("=" in n):])
         queries = " ".join(w[w.index("Q"):] + example.target.split()).split(" ; ")
         answers = []
         for q in queries:
@@ -90,7 +93,8 @@ def solve(example: Example) -> str:
             key, said = tuple(q[1:q.index("?")]), " ".join(q[q.index(":") + 1:])
             assert table[key] == said
             if q[q.index("?") + 1] == "MK":  # quote=True: the needle is quoted before the answer
-                assert q[q.index("?") + 1:q.index("A")] == ["MK", *key, "=", *said.split(), "."]
+                quoted = q[q.index("?") + 1:q.index("A")]
+                assert [w for w in quoted if w != "="] == ["MK", *key, *said.split(), "."]
             answers.append(table[key])
         assert len(set(answers)) == len(answers)  # distinct needles queried
         return answers[-1]
@@ -127,6 +131,7 @@ EXTRA_TASKS = [
     NiahMultiKey(n_keys=8, length=256, key_len=2, n_queries=3, depth=0.1),
     NiahMultiKey(n_keys=8, length=128, quote=True),
     NiahMultiKey(n_keys=6, length=96, key_len=1, n_queries=2, quote=True),
+    NiahMultiKey(n_keys=4, length=64, key_len=2, quote=True, equals=False),
     NiahMultiValue(n_values=1, length=64),
     NiahMultiValue(n_values=8, length=512),
     VariableTracking(n_chains=1, n_hops=1, length=64),
@@ -403,6 +408,7 @@ def test_retrieval_depth_setting():
         (lambda: NiahMultiKey(n_keys=27, key_len=1), r"n_keys=27 .*key_len=1.*<= 26"),
         (lambda: NiahMultiKey(n_keys=8, n_queries=9), r"n_queries=9 .*\[1, 8\]"),
         (lambda: NiahMultiKey(quote=1), r"quote=1 .*True or False"),
+        (lambda: NiahMultiKey(equals="no"), r"equals='no' .*True or False"),
         (lambda: NiahMultiValue(n_values=0), r"n_values=0"),
         (lambda: VariableTracking(n_chains=8, n_hops=4), r"n_chains=8, n_hops=4 .*<= 32"),
         (lambda: make_task("var_chain", n_vars=-3), r"n_vars=-3"),

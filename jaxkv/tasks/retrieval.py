@@ -175,7 +175,9 @@ class NiahMultiKey(_HaystackTask):
     training example (as in multi-query associative recall, Arora et al., 2024). ``quote=True``
     makes each answer a short chain of thought that first quotes the queried needle,
     ``MK k.. = v.. . A : v..``: the value is then read by matching the tokens just written (the
-    induction pattern running_sum's lookups use) instead of a key three tokens back."""
+    induction pattern running_sum's lookups use) instead of a key three tokens back.
+    ``equals=False`` drops the ``=`` of the needles (``MK k.. v.. .``), so the value's first
+    token directly follows the key (and a quote)."""
 
     name: ClassVar[str] = "niah_multikey"
 
@@ -184,6 +186,7 @@ class NiahMultiKey(_HaystackTask):
     key_len: int = KEY_LEN
     n_queries: int = 1
     quote: bool = False
+    equals: bool = True
 
     def _check_settings(self):
         self._check_int("n_keys", 1, 64)
@@ -194,18 +197,19 @@ class NiahMultiKey(_HaystackTask):
                 f"NiahMultiKey: n_keys={self.n_keys} is not allowed with key_len={self.key_len}; "
                 f"expected n_keys <= {len(LETTER_TOKENS) ** self.key_len} distinct keys")
         self._check_int("n_queries", 1, self.n_keys)
-        if not isinstance(self.quote, bool):
-            raise ValueError(f"NiahMultiKey: quote={self.quote!r} is not allowed; expected True or "
-                             f"False")
+        for flag in ("quote", "equals"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"NiahMultiKey: {flag}={getattr(self, flag)!r} is not allowed; "
+                                 f"expected True or False")
 
     @property
     def _fixed_tokens(self) -> int:
-        return self.n_keys * (3 + self.key_len + VALUE_LEN) + (self.key_len + 2)
+        return self.n_keys * (2 + self.equals + self.key_len + VALUE_LEN) + (self.key_len + 2)
 
     @property
     def _target_len(self) -> int:
         # A : v v v v (; Q k.. ? A : v v v v)* <eos>
-        quoted = (3 + self.key_len + VALUE_LEN) * self.n_queries if self.quote else 0
+        quoted = (2 + self.equals + self.key_len + VALUE_LEN) * self.n_queries if self.quote else 0
         return 2 + VALUE_LEN + (self.n_queries - 1) * (self.key_len + 5 + VALUE_LEN) + 1 + quoted
 
     def sample(self, rng: np.random.Generator) -> Example:
@@ -215,8 +219,9 @@ class NiahMultiKey(_HaystackTask):
         q = int(rng.integers(0, self.n_keys))
         positions = rng.integers(0, self._n_filler + 1, size=self.n_keys).tolist()
         positions[q] = self._depth_position(rng, self.depth)
-        needles = [(p, f"MK {k} = {v} .") for p, k, v in zip(positions, keys, values)]
-        answer_of = (lambda i: f"MK {keys[i]} = {values[i]} . A : {values[i]}") if self.quote \
+        eq = " =" if self.equals else ""
+        needles = [(p, f"MK {k}{eq} {v} .") for p, k, v in zip(positions, keys, values)]
+        answer_of = (lambda i: f"MK {keys[i]}{eq} {values[i]} . A : {values[i]}") if self.quote \
             else (lambda i: f"A : {values[i]}")
         target = answer_of(q)
         answer = values[q]
