@@ -95,17 +95,19 @@ def main(argv=None):
         return logits.argmax(-1) == tokens[:, 1:]
 
     def measure(params):
-        out = {}
+        """(exact match and token accuracy per probe, the per-token correctness arrays)."""
+        out, oks = {}, {}
         for label, batch, answer_len, _ in probes:
-            ok = np.asarray(token_ok(params, jnp.asarray(batch["tokens"])))
+            ok = oks[label] = np.asarray(token_ok(params, jnp.asarray(batch["tokens"])))
             mask = batch["loss_mask"][:, :-1] > 0
             k = np.cumsum(mask, axis=1) * mask  # 1, 2, ... along the target
             head = (k >= 1) & (k <= answer_len)
             out[label] = {"exact": float((ok | ~head).all(1).mean()),
                           "token_acc": float(ok[mask].mean())}
-        return out
+        return out, oks
 
-    curve = [{"step": 0, **measure(params)}]
+    summary, oks = measure(params)
+    curve = [{"step": 0, **summary}]
     t0 = time.time()
     for step in tqdm(range(args.steps), desc=f"probe {args.variant}", dynamic_ncols=True):
         b = batch_for_step(cfg, step)
@@ -113,11 +115,12 @@ def main(argv=None):
                                              jnp.asarray(b["loss_mask"]),
                                              jnp.asarray(b["positions"]))
         if (step + 1) % args.every == 0 or step + 1 == args.steps:
-            curve.append({"step": step + 1, "loss": float(loss), **measure(params)})
+            summary, oks = measure(params)  # the last step is always measured
+            curve.append({"step": step + 1, "loss": float(loss), **summary})
             print(json.dumps(curve[-1]), flush=True)
     per_token = {}
     for label, batch, _, words in probes:
-        ok = np.asarray(token_ok(params, jnp.asarray(batch["tokens"])))
+        ok = oks[label]
         start = int(np.argmax(batch["loss_mask"][0] > 0))
         acc = ok[:, start:start + len(words)].mean(0)
         per_token[label] = [[w, round(float(a), 3)] for w, a in zip(words, acc)]

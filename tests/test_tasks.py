@@ -42,9 +42,6 @@ from jaxkv.tasks.jsonl import (
 # ----------------------------------------------------------------------------------------------
 
 
-VALUE_DIGITS = 4  # digits per NIAH value
-
-
 def _needles(words, marker):
     """Spans ``marker ... .`` in a word list -> list of word lists (without marker and '.')."""
     out, k = [], 0
@@ -82,10 +79,11 @@ def solve(example: Example) -> str:
         assert len(hits) == 1
         return " ".join(hits[0])
     if example.task == "niah_multikey":  # any key length; the target may ask further queries
+        key_len = w.index("?", w.index("Q")) - w.index("Q") - 1
         table = {}
-        for n in _needles(w, "MK"):
-            eq = n.index("=") if "=" in n else len(n) - VALUE_DIGITS  # equals=False: no "="
-            table[tuple(n[:eq])] = " ".join(n[eq + ("=" in n):])
+        for n in _needles(w, "MK"):  # k.. = v.. (equals=False: k.. v..)
+            rest = n[key_len:]
+            table[tuple(n[:key_len])] = " ".join(rest[1:] if rest[0] == "=" else rest)
         queries = " ".join(w[w.index("Q"):] + example.target.split()).split(" ; ")
         answers = []
         for q in queries:

@@ -109,6 +109,13 @@ class Task(abc.ABC):
         object.__setattr__(self, field, int(value))
         return int(value)
 
+    def _check_bool(self, field: str) -> None:
+        """Validate boolean setting ``field`` (True or False, nothing else)."""
+        value = getattr(self, field)
+        if not isinstance(value, bool):
+            raise ValueError(f"{type(self).__name__}: {field}={value!r} is not allowed; "
+                             f"expected True or False")
+
     def _check_optional_unit_float(self, field: str) -> None:
         """Validate optional float setting ``field`` (None, or a number in [0, 1])."""
         value = getattr(self, field)

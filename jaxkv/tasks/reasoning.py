@@ -52,9 +52,7 @@ class RunningSum(Task):
 
     def __post_init__(self):
         self._check_int("n_digits", 2, 64)
-        if not isinstance(self.random_offset, bool):
-            raise ValueError(f"RunningSum: random_offset={self.random_offset!r} is not allowed; "
-                             f"expected True or False")
+        self._check_bool("random_offset")
 
     @property
     def max_len(self) -> int:

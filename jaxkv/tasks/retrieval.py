@@ -197,19 +197,22 @@ class NiahMultiKey(_HaystackTask):
                 f"NiahMultiKey: n_keys={self.n_keys} is not allowed with key_len={self.key_len}; "
                 f"expected n_keys <= {len(LETTER_TOKENS) ** self.key_len} distinct keys")
         self._check_int("n_queries", 1, self.n_keys)
-        for flag in ("quote", "equals"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"NiahMultiKey: {flag}={getattr(self, flag)!r} is not allowed; "
-                                 f"expected True or False")
+        self._check_bool("quote")
+        self._check_bool("equals")
+
+    @property
+    def _needle_len(self) -> int:
+        """Tokens of one needle ``MK k.. (=) v.. .`` (also of its quote)."""
+        return 2 + self.equals + self.key_len + VALUE_LEN
 
     @property
     def _fixed_tokens(self) -> int:
-        return self.n_keys * (2 + self.equals + self.key_len + VALUE_LEN) + (self.key_len + 2)
+        return self.n_keys * self._needle_len + (self.key_len + 2)
 
     @property
     def _target_len(self) -> int:
         # A : v v v v (; Q k.. ? A : v v v v)* <eos>
-        quoted = (2 + self.equals + self.key_len + VALUE_LEN) * self.n_queries if self.quote else 0
+        quoted = self._needle_len * self.n_queries if self.quote else 0
         return 2 + VALUE_LEN + (self.n_queries - 1) * (self.key_len + 5 + VALUE_LEN) + 1 + quoted
 
     def sample(self, rng: np.random.Generator) -> Example:
