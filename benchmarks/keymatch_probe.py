@@ -24,12 +24,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _mk(length, n_keys, key_len=3, n_queries=1, quote=False, equals=True):
+def _mk(length, n_keys, key_len=3, n_queries=1, quote=False, equals=True, alphabet="letters"):
     from train.pretrain import TaskMix
     settings = (("length", length), ("n_keys", n_keys), ("key_len", key_len),
                 ("n_queries", n_queries))
     settings += (("quote", True),) if quote else ()
-    return TaskMix("niah_multikey", 1.0, settings + ((("equals", False),) if not equals else ()))
+    settings += (("equals", False),) if not equals else ()
+    settings += (("key_alphabet", alphabet),) if alphabet != "letters" else ()
+    return TaskMix("niah_multikey", 1.0, settings)
 
 
 # variant -> (training tasks, probe tasks, seq_len, peak learning rate, from scratch)
@@ -47,6 +49,17 @@ VARIANTS = {
                   _mk(96, 8, quote=True, equals=False)), 128, 1e-3, False),
     "scratch": ((_mk(64, 4, 1, 4), _mk(64, 4, 1), _mk(80, 6, 1)),
                 (_mk(64, 4, 1), _mk(80, 6, 1), _mk(96, 8)), 112, 3e-3, True),
+    "index": ((_mk(64, 4, 1, 1, True, False, "index"), _mk(80, 8, 1, 1, True, False, "index"),
+               _mk(96, 8, 2, 1, True, False, "index")),
+              (_mk(64, 4, 1, 1, True, False, "index"), _mk(80, 8, 1, 1, True, False, "index"),
+               _mk(96, 8, 2, 1, True, False, "index")), 128, 1e-3, False),
+    "mqar": ((_mk(64, 2, 1, 2), _mk(64, 4, 1, 4), _mk(64, 6, 1, 6)),
+             (_mk(64, 2, 1), _mk(64, 4, 1), _mk(64, 6, 1), _mk(64, 6, 1, 6)), 128, 1e-3, True),
+    "mqar_adjacent": (
+        (_mk(64, 2, 1, 2, True, False), _mk(64, 4, 1, 4, True, False),
+         _mk(64, 6, 1, 4, True, False)),
+        (_mk(64, 2, 1, quote=True, equals=False), _mk(64, 4, 1, quote=True, equals=False),
+         _mk(64, 6, 1, quote=True, equals=False), _mk(64, 6, 1, 4, True, False)), 144, 1e-3, True),
 }
 
 
@@ -56,7 +69,15 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--out", default="runs/keymatch_probe")
+    p.add_argument("--init-std", type=float, default=None,
+                   help="scratch variants: draw every projection kernel from normal(std) "
+                        "(Hugging Face's initializer_range init) instead of lecun_normal")
+    p.add_argument("--induction", type=float, default=0.0,
+                   help="fraction of each batch replaced by dense chunk-copy rows (induction "
+                        "supervision on every copied token, see induction_rows)")
     args = p.parse_args(argv)
+    if not 0.0 <= args.induction < 1.0:
+        raise ValueError(f"--induction={args.induction}: expected a fraction in [0, 1)")
     if args.steps < 1 or args.every < 1:
         raise ValueError(f"--steps={args.steps}, --every={args.every}: both must be >= 1")
 
@@ -70,12 +91,20 @@ def main(argv=None):
     from jaxkv.model import Decoder, init_params
     from jaxkv.tasks import make_training_batch, sample_examples
     from train.pretrain import Stage, batch_for_step, make_optimizer, make_train_step
+    from induction_plateau import induction_rows
 
     train_tasks, probe_tasks, seq_len, lr, scratch = VARIANTS[args.variant]
     cfg = BASE.replace(stages=(Stage(steps=args.steps, seq_len=seq_len, tasks=train_tasks),),
                        learning_rate=lr, warmup_steps=30, schedule_steps=None,
                        restart_learning_rate=None)
     params = init_params(cfg.model, 0) if scratch else load_embedded().params
+    if args.init_std is not None:
+        leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+        keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+        params = jax.tree_util.tree_unflatten(tree, [
+            args.init_std * jax.random.normal(k, x.shape, x.dtype)
+            if "kernel" in jax.tree_util.keystr(p) else x
+            for (p, x), k in zip(leaves, keys)])
     optimizer = make_optimizer(cfg)
     step_fn = make_train_step(cfg, optimizer)
     opt_state = optimizer.init(params)
@@ -111,6 +140,11 @@ def main(argv=None):
     t0 = time.time()
     for step in tqdm(range(args.steps), desc=f"probe {args.variant}", dynamic_ncols=True):
         b = batch_for_step(cfg, step)
+        if args.induction:
+            k = int(round(args.induction * cfg.batch_size))
+            b["tokens"][:k], b["loss_mask"][:k] = induction_rows(
+                np.random.default_rng([7, step]), k, seq_len)
+            b["positions"][:k] = np.arange(seq_len)
         params, opt_state, loss, _ = step_fn(params, opt_state, jnp.asarray(b["tokens"]),
                                              jnp.asarray(b["loss_mask"]),
                                              jnp.asarray(b["positions"]))

@@ -130,6 +130,8 @@ EXTRA_TASKS = [
     NiahMultiKey(n_keys=8, length=128, quote=True),
     NiahMultiKey(n_keys=6, length=96, key_len=1, n_queries=2, quote=True),
     NiahMultiKey(n_keys=4, length=64, key_len=2, quote=True, equals=False),
+    NiahMultiKey(n_keys=8, length=96, key_len=1, quote=True, equals=False, key_alphabet="index"),
+    NiahMultiKey(n_keys=64, length=1024, key_len=1, n_queries=2, key_alphabet="index"),
     NiahMultiValue(n_values=1, length=64),
     NiahMultiValue(n_values=8, length=512),
     VariableTracking(n_chains=1, n_hops=1, length=64),
@@ -407,6 +409,7 @@ def test_retrieval_depth_setting():
         (lambda: NiahMultiKey(n_keys=8, n_queries=9), r"n_queries=9 .*\[1, 8\]"),
         (lambda: NiahMultiKey(quote=1), r"quote=1 .*True or False"),
         (lambda: NiahMultiKey(equals="no"), r"equals='no' .*True or False"),
+        (lambda: NiahMultiKey(key_alphabet="greek"), r"key_alphabet='greek' .*letters, index"),
         (lambda: NiahMultiValue(n_values=0), r"n_values=0"),
         (lambda: VariableTracking(n_chains=8, n_hops=4), r"n_chains=8, n_hops=4 .*<= 32"),
         (lambda: make_task("var_chain", n_vars=-3), r"n_vars=-3"),
@@ -583,3 +586,6 @@ def test_multikey_curriculum_settings_leave_the_default_stream_unchanged():
     one = NiahMultiKey(length=96, n_keys=6, key_len=1, n_queries=3).sample(np.random.default_rng(3))
     assert one.target.count("Q ") == 2 and one.target.count("A :") == 3
     assert all(len(k) == 1 for k in re.findall(r"MK (\S+) =", one.prompt))
+    index = NiahMultiKey(length=96, n_keys=6, key_len=2, key_alphabet="index")
+    keys = re.findall(r"MK (\S+) (\S+) =", index.sample(np.random.default_rng(3)).prompt)
+    assert len(keys) == 6 and all(w in vocab.INDEX_TOKENS for k in keys for w in k)

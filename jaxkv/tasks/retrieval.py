@@ -25,7 +25,8 @@ from typing import ClassVar, Sequence
 import numpy as np
 
 from jaxkv.tasks.base import Example, Task
-from jaxkv.tasks.vocab import DIGIT_TOKENS, FILLER_TOKENS, LETTER_TOKENS, VAR_TOKENS
+from jaxkv.tasks.vocab import (DIGIT_TOKENS, FILLER_TOKENS, INDEX_TOKENS, LETTER_TOKENS,
+                               VAR_TOKENS)
 
 KEY_LEN = 3  # letter tokens per key
 VALUE_LEN = 4  # digit tokens per NIAH value
@@ -177,9 +178,12 @@ class NiahMultiKey(_HaystackTask):
     ``MK k.. = v.. . A : v..``: the value is then read by matching the tokens just written (the
     induction pattern running_sum's lookups use) instead of a key three tokens back.
     ``equals=False`` drops the ``=`` of the needles (``MK k.. v.. .``), so the value's first
-    token directly follows the key (and a quote)."""
+    token directly follows the key (and a quote). ``key_alphabet="index"`` draws the key tokens
+    from the index words ``i0..i63`` instead of the letters: the tokens whose content look-up
+    (the digit after its index) running_sum trains."""
 
     name: ClassVar[str] = "niah_multikey"
+    KEY_ALPHABETS: ClassVar[dict] = {"letters": LETTER_TOKENS, "index": INDEX_TOKENS}
 
     n_keys: int = 8  # allowed 1..64 (and needles must fit in `length`)
     depth: float | None = None
@@ -187,15 +191,21 @@ class NiahMultiKey(_HaystackTask):
     n_queries: int = 1
     quote: bool = False
     equals: bool = True
+    key_alphabet: str = "letters"
 
     def _check_settings(self):
         self._check_int("n_keys", 1, 64)
         self._check_optional_unit_float("depth")
         self._check_int("key_len", 1, 8)
-        if self.n_keys > len(LETTER_TOKENS) ** self.key_len:
+        if self.key_alphabet not in self.KEY_ALPHABETS:
+            raise ValueError(f"NiahMultiKey: key_alphabet={self.key_alphabet!r} is not allowed; "
+                             f"expected one of {', '.join(self.KEY_ALPHABETS)}")
+        n_distinct = len(self.KEY_ALPHABETS[self.key_alphabet]) ** self.key_len
+        if self.n_keys > n_distinct:
             raise ValueError(
-                f"NiahMultiKey: n_keys={self.n_keys} is not allowed with key_len={self.key_len}; "
-                f"expected n_keys <= {len(LETTER_TOKENS) ** self.key_len} distinct keys")
+                f"NiahMultiKey: n_keys={self.n_keys} is not allowed with key_len={self.key_len} "
+                f"and key_alphabet={self.key_alphabet!r}; expected n_keys <= {n_distinct} "
+                f"distinct keys")
         self._check_int("n_queries", 1, self.n_keys)
         self._check_bool("quote")
         self._check_bool("equals")
@@ -217,7 +227,8 @@ class NiahMultiKey(_HaystackTask):
 
     def sample(self, rng: np.random.Generator) -> Example:
         rng = self._check_rng(rng)
-        keys = _distinct_words(rng, self.key_len, LETTER_TOKENS, self.n_keys)
+        keys = _distinct_words(rng, self.key_len, self.KEY_ALPHABETS[self.key_alphabet],
+                               self.n_keys)
         values = _distinct_words(rng, VALUE_LEN, DIGIT_TOKENS, self.n_keys)
         q = int(rng.integers(0, self.n_keys))
         positions = rng.integers(0, self._n_filler + 1, size=self.n_keys).tolist()
