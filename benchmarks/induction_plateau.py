@@ -11,7 +11,9 @@ Chance is about 1/228 (the word pool); a formed induction head gives ~1.0.
     python benchmarks/induction_plateau.py --batch 32  --steps 2000 --layers 2
     python benchmarks/induction_plateau.py --batch 256 --steps 700
 
-Writes `--out`/results.json (the curve) and plateau.png.
+Writes `--out`/results.json (the curve) and plateau.png; `--save DIR` exports the weights, which
+`python benchmarks/keymatch_probe.py --start DIR` fine-tunes on key matching (does a formed
+induction head transfer to it?).
 """
 from __future__ import annotations
 
@@ -65,6 +67,9 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--out", default="runs/induction_plateau")
+    p.add_argument("--save", default=None,
+                   help="export the trained weights here (a Hugging Face-style folder that "
+                        "`keymatch_probe.py --start` fine-tunes from)")
     args = p.parse_args(argv)
     for name in ("batch", "steps", "every"):
         if getattr(args, name) < 1:
@@ -120,6 +125,12 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "plateau.png"), dpi=120)
     print(f"wrote {args.out}/results.json and plateau.png")
+    if args.save:
+        from jaxkv.hf import save_hf
+        from jaxkv.model import Model
+        from jaxkv.tasks import build_tokenizer
+        save_hf(Model(config=model, params=params, tokenizer=build_tokenizer()), args.save)
+        print(f"exported the weights to {args.save}")
 
 
 if __name__ == "__main__":

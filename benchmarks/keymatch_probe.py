@@ -69,6 +69,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--out", default="runs/keymatch_probe")
+    p.add_argument("--start", default=None,
+                   help="fine-tune the weights of this Hugging Face-style folder (e.g. exported "
+                        "by induction_plateau.py --save) instead of the variant's start")
     p.add_argument("--init-std", type=float, default=None,
                    help="scratch variants: draw every projection kernel from normal(std) "
                         "(Hugging Face's initializer_range init) instead of lecun_normal")
@@ -97,7 +100,15 @@ def main(argv=None):
     cfg = BASE.replace(stages=(Stage(steps=args.steps, seq_len=seq_len, tasks=train_tasks),),
                        learning_rate=lr, warmup_steps=30, schedule_steps=None,
                        restart_learning_rate=None)
-    params = init_params(cfg.model, 0) if scratch else load_embedded().params
+    if args.start:
+        from jaxkv.hf import load_hf
+        init_model = load_hf(args.start, dtype=cfg.model.dtype)
+        if init_model.config != cfg.model:
+            raise ValueError(f"--start={args.start}: its model ({init_model.config}) is not the "
+                             f"embedded architecture ({cfg.model})")
+        params = init_model.params
+    else:
+        params = init_params(cfg.model, 0) if scratch else load_embedded().params
     if args.init_std is not None:
         leaves, tree = jax.tree_util.tree_flatten_with_path(params)
         keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
