@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxkv.tasks import (
+    InductionCopy,
     REASONING_TASKS,
     RETRIEVAL_TASKS,
     TASKS,
@@ -54,8 +55,15 @@ def _needles(words, marker):
     return out
 
 
-def solve(example: Example) -> str:
+def solve(example: Example, task=None) -> str:
     w = example.prompt.split()
+    if example.task == "induction_copy":  # the chunk length is a setting, not in the prompt
+        q = w.index("?")
+        source, cues = w[:q], w[q + 1:]
+        assert len(set(source)) == len(source) and len(set(cues)) == len(cues)
+        starts = [source.index(c) for c in cues]
+        assert all(s % task.chunk == 0 for s in starts)
+        return " ; ".join(" ".join(source[s:s + task.chunk]) for s in starts)
     if example.task == "running_sum":
         assert w[0] == "SUM" and w[-1] == "?"
         body = w[1:-1]
@@ -137,6 +145,9 @@ EXTRA_TASKS = [
     VariableTracking(n_chains=1, n_hops=1, length=64),
     VariableTracking(n_chains=4, n_hops=7, length=1024),
     Passkey(length=8192),
+    InductionCopy(length=16, chunk=2, n_recall=1),
+    InductionCopy(length=232, chunk=8, n_recall=4),
+    InductionCopy(length=200, chunk=3, n_recall=32),
 ]
 ALL_TASKS = [make_task(n) for n in TASKS] + EXTRA_TASKS
 IDS = [f"{t.name}:{i}" for i, t in enumerate(ALL_TASKS)]
@@ -148,8 +159,8 @@ def _corrupt(example: Example) -> str:
     last = words[-1]
     if last.isdigit():
         words[-1] = str((int(last) + 1) % 10)
-    else:  # variable name Xk
-        words[-1] = f"X{(int(last[1:]) + 1) % 32}"
+    else:  # a variable name, or any copy word of induction_copy
+        words[-1] = "w0" if last != "w0" else "w1"
     assert example.target.endswith(example.answer)
     return example.target[: len(example.target) - len(example.answer)] + " ".join(words)
 
@@ -245,7 +256,7 @@ def test_tokenizer_json_save_load(tmp_path):
 def test_registry():
     assert sorted(TASKS) == sorted(
         ["running_sum", "var_chain", "niah_single", "niah_multikey", "niah_multivalue",
-         "variable_tracking", "passkey"]
+         "variable_tracking", "passkey", "induction_copy"]
     )
     assert REASONING_TASKS == ["running_sum", "var_chain"]
     assert sorted(REASONING_TASKS + RETRIEVAL_TASKS) == sorted(TASKS)
@@ -270,7 +281,7 @@ def test_determinism(task):
 def test_targets_verify_and_corruptions_fail(task):
     for ex in sample_examples(task, 20, seed=1):
         assert ex.task == task.name
-        assert solve(ex) == ex.answer  # independent solver agrees
+        assert solve(ex, task) == ex.answer  # independent solver agrees
         assert ex.target.endswith("A : " + ex.answer)
         assert "A :" not in ex.prompt
         assert task.verify(ex, ex.target)
@@ -411,6 +422,10 @@ def test_retrieval_depth_setting():
         (lambda: NiahMultiKey(equals="no"), r"equals='no' .*True or False"),
         (lambda: NiahMultiKey(key_alphabet="greek"), r"key_alphabet='greek' .*letters, index"),
         (lambda: NiahMultiValue(n_values=0), r"n_values=0"),
+        (lambda: InductionCopy(length=233), r"length=233 .*\[16, 232\]"),
+        (lambda: InductionCopy(chunk=1), r"chunk=1 .*\[2, 8\]"),
+        (lambda: InductionCopy(length=32, chunk=8, n_recall=4),
+         r"length=32, chunk=8, n_recall=4 .*26 words.*32 words"),
         (lambda: VariableTracking(n_chains=8, n_hops=4), r"n_chains=8, n_hops=4 .*<= 32"),
         (lambda: make_task("var_chain", n_vars=-3), r"n_vars=-3"),
     ],

@@ -1,7 +1,8 @@
 """Embedded benchmark tasks (generators with exact verifiers) and the word-level tokenizer.
 
 Registry names: reasoning family ``running_sum``, ``var_chain``; retrieval family
-``niah_single``, ``niah_multikey``, ``niah_multivalue``, ``variable_tracking``, ``passkey``.
+``niah_single``, ``niah_multikey``, ``niah_multivalue``, ``variable_tracking``, ``passkey``,
+and ``induction_copy`` (dense induction supervision for a curriculum's first stage).
 
 >>> task = make_task("running_sum", n_digits=8)
 >>> ex = sample_examples(task, 1, seed=0)[0]
@@ -19,6 +20,7 @@ from jaxkv.tasks.base import ANSWER_MARKER, Example, Task, extract_answer
 from jaxkv.tasks.batching import make_training_batch, pad_prompts
 from jaxkv.tasks.reasoning import RunningSum, VarChain
 from jaxkv.tasks.retrieval import (
+    InductionCopy,
     NiahMultiKey,
     NiahMultiValue,
     NiahSingle,
@@ -48,6 +50,7 @@ TASKS: dict[str, type[Task]] = {
         NiahMultiValue,
         VariableTracking,
         Passkey,
+        InductionCopy,
     )
 }
 REASONING_TASKS: list[str] = [n for n, c in TASKS.items() if c.family == "reasoning"]
@@ -85,7 +88,7 @@ __all__ = [
     "ANSWER_MARKER", "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "TOKENS", "VOCAB_SIZE",
     "Example", "Task", "TASKS", "REASONING_TASKS", "RETRIEVAL_TASKS",
     "RunningSum", "VarChain", "NiahSingle", "NiahMultiKey", "NiahMultiValue",
-    "VariableTracking", "Passkey",
+    "VariableTracking", "Passkey", "InductionCopy",
     "build_tokenizer", "save_tokenizer", "encode", "decode", "extract_answer",
     "make_task", "sample_examples", "make_training_batch", "pad_prompts",
 ]

@@ -358,3 +358,60 @@ class Passkey(_HaystackTask):
         (key,) = _distinct_words(rng, PASSKEY_LEN, DIGIT_TOKENS, 1)
         pos = self._depth_position(rng, self.depth)
         return self._assemble(rng, [(pos, f"PASS = {key} .")], "Q PASS ?", f"A : {key}", key)
+
+
+#: Words `InductionCopy` draws its distinct source words from (228 words, no marker or
+#: punctuation word, so a source never contains `A :` or `?`).
+COPY_WORDS: tuple[str, ...] = (DIGIT_TOKENS + LETTER_TOKENS + INDEX_TOKENS + FILLER_TOKENS
+                               + VAR_TOKENS)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InductionCopy(Task):
+    """Dense content look-up (an induction head's job) for a curriculum's first stage.
+
+    Prompt: ``length - n_recall - 2`` distinct random words of :data:`COPY_WORDS`, then ``?``
+    and ``n_recall`` cue words: the first words of chunks of ``chunk`` consecutive source words
+    (chunks start at multiples of ``chunk``; drawn without replacement, in random order).
+    Target: ``A : c w w w ; c w w w ; ...``, each cue followed by the rest of its chunk.
+
+    Every word after a cue follows from the word just written by content only (find it in the
+    source, copy the word after it; the chunk order is random, so no fixed offset finds it),
+    and so does each next cue (the word after the last cue in the cue list). Every key-matching
+    task needs this look-up, where it is supervised once per example; here it is most target
+    tokens. A small model trained on the task mixture sits on a long plateau before it forms
+    (`benchmarks/induction_plateau.py`)."""
+
+    name: ClassVar[str] = "induction_copy"
+    family: ClassVar[str] = "retrieval"
+
+    length: int = 96  # exact len(prompt_ids); allowed 16..232 (the source must fit COPY_WORDS)
+    chunk: int = 4  # allowed 2..8
+    n_recall: int = 6  # allowed 1..32; n_recall * chunk <= source words
+
+    def __post_init__(self):
+        self._check_int("length", 16, len(COPY_WORDS) + 4)
+        self._check_int("chunk", 2, 8)
+        self._check_int("n_recall", 1, 32)
+        n_src = self.length - 2 - self.n_recall
+        if not self.n_recall * self.chunk <= n_src <= len(COPY_WORDS):
+            raise ValueError(
+                f"InductionCopy: length={self.length}, chunk={self.chunk}, "
+                f"n_recall={self.n_recall} are not allowed together; the source "
+                f"(length - n_recall - 2 = {n_src} words) must hold n_recall * chunk = "
+                f"{self.n_recall * self.chunk} words and at most {len(COPY_WORDS)}")
+
+    @property
+    def max_len(self) -> int:
+        # A : (c w.. ;)* <eos>: 2 + n_recall * chunk + (n_recall - 1) + 1
+        return self.length + 2 + self.n_recall * (self.chunk + 1)
+
+    def sample(self, rng: np.random.Generator) -> Example:
+        rng = self._check_rng(rng)
+        n_src = self.length - 2 - self.n_recall
+        source = [COPY_WORDS[i] for i in rng.choice(len(COPY_WORDS), size=n_src, replace=False)]
+        picks = rng.choice(n_src // self.chunk, size=self.n_recall, replace=False).tolist()
+        chunks = [source[c * self.chunk:(c + 1) * self.chunk] for c in picks]
+        answer = " ; ".join(" ".join(c) for c in chunks)
+        prompt = " ".join(source + ["?"] + [c[0] for c in chunks])
+        return Example(self.name, prompt, f"A : {answer}", answer)
