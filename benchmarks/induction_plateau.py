@@ -58,6 +58,17 @@ def induction_rows(rng, n_rows, seq_len, chunk=4):
     return tokens, mask
 
 
+def normal_kernels(params, std: float, seed: int = 1):
+    """`params` with every projection kernel redrawn from normal(std) (Hugging Face's
+    `initializer_range` init) instead of Flax's lecun_normal; embeddings and norms unchanged."""
+    import jax
+    leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(tree, [
+        std * jax.random.normal(k, x.shape, x.dtype) if "kernel" in jax.tree_util.keystr(p) else x
+        for (p, x), k in zip(leaves, keys)])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=32)
@@ -65,6 +76,8 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=96)
     p.add_argument("--layers", type=int, default=None, help="default: configs/tiny.py's 4")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--init-std", type=float, default=None,
+                   help="draw every projection kernel from normal(std) instead of lecun_normal")
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--out", default="runs/induction_plateau")
     p.add_argument("--save", default=None,
@@ -97,6 +110,8 @@ def main(argv=None):
     optimizer = make_optimizer(cfg)
     step_fn = make_train_step(cfg, optimizer)
     params = init_params(model, 0)
+    if args.init_std is not None:
+        params = normal_kernels(params, args.init_std)
     opt_state = optimizer.init(params)
     positions = jnp.broadcast_to(jnp.arange(args.seq_len), (args.batch, args.seq_len))
     curve, t0 = [], time.time()

@@ -94,7 +94,7 @@ def main(argv=None):
     from jaxkv.model import Decoder, init_params
     from jaxkv.tasks import make_training_batch, sample_examples
     from train.pretrain import Stage, batch_for_step, make_optimizer, make_train_step
-    from induction_plateau import induction_rows
+    from induction_plateau import induction_rows, normal_kernels
 
     train_tasks, probe_tasks, seq_len, lr, scratch = VARIANTS[args.variant]
     cfg = BASE.replace(stages=(Stage(steps=args.steps, seq_len=seq_len, tasks=train_tasks),),
@@ -110,12 +110,7 @@ def main(argv=None):
     else:
         params = init_params(cfg.model, 0) if scratch else load_embedded().params
     if args.init_std is not None:
-        leaves, tree = jax.tree_util.tree_flatten_with_path(params)
-        keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-        params = jax.tree_util.tree_unflatten(tree, [
-            args.init_std * jax.random.normal(k, x.shape, x.dtype)
-            if "kernel" in jax.tree_util.keystr(p) else x
-            for (p, x), k in zip(leaves, keys)])
+        params = normal_kernels(params, args.init_std)
     optimizer = make_optimizer(cfg)
     step_fn = make_train_step(cfg, optimizer)
     opt_state = optimizer.init(params)
