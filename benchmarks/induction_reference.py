@@ -1,6 +1,7 @@
 """Reference for `induction_plateau.py`: a minimal 2-layer attention-only transformer (RMSNorm,
 RoPE or learned positions, no MLP, tied embeddings, every weight normal(0.02)) on the same dense
-induction rows, with the same AdamW settings. It shows whether a plateau is the task's or the
+induction rows, with the same AdamW settings; `--init lecun` and `--mlp` move it one step
+towards the embedded architecture each. It shows whether a plateau is the task's or the
 embedded architecture's (issue 2: key matching).
 
     python benchmarks/induction_reference.py --batch 32  --steps 2000
@@ -34,17 +35,32 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seq-len", type=int, default=96)
+    p.add_argument("--init", choices=("normal", "lecun"), default="normal",
+                   help="projection init: normal(0.02), or lecun_normal (the embedded model's "
+                        "Flax default, std 1/sqrt(fan_in))")
+    p.add_argument("--mlp", action="store_true",
+                   help="add a SwiGLU MLP (3x width) to each block, as the embedded model has")
     a = p.parse_args(argv)
     if min(a.steps, a.batch, a.width, a.seq_len) < 1:
         raise ValueError(f"--steps={a.steps}, --batch={a.batch}, --width={a.width}, "
                          f"--seq-len={a.seq_len}: all must be >= 1")
     vocab, d, n_heads, n_layers, seq = 256, a.width, 4, 2, a.seq_len
     hd = d // n_heads
+
+    def w(key, shape):
+        std = 0.02 if a.init == "normal" else shape[0] ** -0.5
+        return jax.random.normal(key, shape) * std
+
     k = jax.random.split(jax.random.PRNGKey(0), 20)
     params = {"emb": jax.random.normal(k[0], (vocab, d)) * 0.02,
               "pos": jax.random.normal(k[1], (seq, d)) * 0.02,
-              "layers": [{n: jax.random.normal(k[2 + 4 * l + i], (d, d)) * 0.02
-                          for i, n in enumerate("qkvo")} for l in range(n_layers)]}
+              "layers": [{n: w(k[2 + 4 * l + i], (d, d)) for i, n in enumerate("qkvo")}
+                         for l in range(n_layers)]}
+    if a.mlp:
+        km = jax.random.split(jax.random.PRNGKey(1), 3 * n_layers)
+        for l, lp in enumerate(params["layers"]):
+            lp.update(gate=w(km[3 * l], (d, 3 * d)), up=w(km[3 * l + 1], (d, 3 * d)),
+                      down=w(km[3 * l + 2], (3 * d, d)))
     inv = 1.0 / (10000 ** (np.arange(0, hd, 2) / hd))
 
     def rope(x):  # [B, T, H, hd]
@@ -68,6 +84,9 @@ def main(argv=None):
             s = jnp.where(mask, jnp.einsum("bthd,bshd->bhts", q, kk) / np.sqrt(hd), -1e9)
             o = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, -1), v).reshape(b, n, d)
             x = x + o @ lp["o"]
+            if a.mlp:
+                h = rms(x)
+                x = x + (jax.nn.silu(h @ lp["gate"]) * (h @ lp["up"])) @ lp["down"]
         return rms(x) @ params["emb"].T
 
     def loss(params, t, m):
