@@ -30,19 +30,18 @@ def induction_rows(rng, n_rows, seq_len, chunk=4):
     """Dense induction supervision, tokens int32 [n_rows, seq_len] and loss mask float32 (the
     `make_training_batch` convention: mask[t] = 1 trains the prediction of tokens[t + 1]).
 
-    Each row: `<bos>`, a sequence of about 0.6 * seq_len distinct words (letters, digits,
-    variables, filler and index words), then chunks of `chunk` words of it in shuffled order.
+    Each row: `<bos>`, a sequence of about 0.6 * seq_len distinct words of the
+    `induction_copy` task's pool (`COPY_WORDS`), then chunks of `chunk` words of it in shuffled order.
     Inside a copied chunk each word follows from the previous one by content only (the chunk
     order is random, so no fixed offset finds it); the mask covers those words, not a chunk's
     first word (which is a random pick)."""
     import numpy as np
-    from jaxkv.tasks.vocab import (BOS_ID, DIGIT_TOKENS, FILLER_TOKENS, INDEX_TOKENS,
-                                   LETTER_TOKENS, TOKEN_TO_ID, VAR_TOKENS)
+    from jaxkv.tasks.retrieval import COPY_WORDS
+    from jaxkv.tasks.vocab import BOS_ID, TOKEN_TO_ID
     if chunk < 2 or seq_len < 4 * chunk:
         raise ValueError(f"induction_rows: chunk={chunk}, seq_len={seq_len} are not allowed; "
                          f"expected chunk >= 2 and seq_len >= 4 * chunk")
-    pool = np.array([TOKEN_TO_ID[t] for t in DIGIT_TOKENS + LETTER_TOKENS + INDEX_TOKENS
-                     + FILLER_TOKENS + VAR_TOKENS], np.int32)
+    pool = np.array([TOKEN_TO_ID[t] for t in COPY_WORDS], np.int32)
     n_src = min((int(0.6 * seq_len) // chunk) * chunk, (len(pool) // chunk) * chunk)
     n_copy = (seq_len - 1 - n_src) // chunk
     tokens = np.zeros((n_rows, seq_len), np.int32)

@@ -393,7 +393,7 @@ class InductionCopy(Task):
         self._check_int("length", 16, len(COPY_WORDS) + 4)
         self._check_int("chunk", 2, 8)
         self._check_int("n_recall", 1, 32)
-        n_src = self.length - 2 - self.n_recall
+        n_src = self._n_source
         if not self.n_recall * self.chunk <= n_src <= len(COPY_WORDS):
             raise ValueError(
                 f"InductionCopy: length={self.length}, chunk={self.chunk}, "
@@ -402,13 +402,18 @@ class InductionCopy(Task):
                 f"{self.n_recall * self.chunk} words and at most {len(COPY_WORDS)}")
 
     @property
+    def _n_source(self) -> int:
+        """Source words: the prompt less <bos>, `?` and the cues."""
+        return self.length - 2 - self.n_recall
+
+    @property
     def max_len(self) -> int:
         # A : (c w.. ;)* <eos>: 2 + n_recall * chunk + (n_recall - 1) + 1
         return self.length + 2 + self.n_recall * (self.chunk + 1)
 
     def sample(self, rng: np.random.Generator) -> Example:
         rng = self._check_rng(rng)
-        n_src = self.length - 2 - self.n_recall
+        n_src = self._n_source
         source = [COPY_WORDS[i] for i in rng.choice(len(COPY_WORDS), size=n_src, replace=False)]
         picks = rng.choice(n_src // self.chunk, size=self.n_recall, replace=False).tolist()
         chunks = [source[c * self.chunk:(c + 1) * self.chunk] for c in picks]
