@@ -26,7 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def induction_rows(rng, n_rows, seq_len, chunk=4):
+def induction_rows(rng, n_rows, seq_len, chunk=4, starts="aligned"):
     """Dense induction supervision, tokens int32 [n_rows, seq_len] and loss mask float32 (the
     `make_training_batch` convention: mask[t] = 1 trains the prediction of tokens[t + 1]).
 
@@ -34,7 +34,16 @@ def induction_rows(rng, n_rows, seq_len, chunk=4):
     `induction_copy` task's pool (`COPY_WORDS`), then chunks of `chunk` words of it in shuffled order.
     Inside a copied chunk each word follows from the previous one by content only (the chunk
     order is random, so no fixed offset finds it); the mask covers those words, not a chunk's
-    first word (which is a random pick)."""
+    first word (which is a random pick).
+
+    starts: "aligned" (chunks start at multiples of `chunk` in the source, as in every figure
+    before session 17) or "random" (any source position, chunks may overlap). Aligned chunks leave
+    a shortcut: a word's slot in its chunk is its source position mod `chunk`, so a model can pick
+    a word of the right slot from some chunk without matching content (seen at seq_len 32: every
+    wrong prediction was 4, 8 or 12 source positions off, accuracy stuck at ~0.3)."""
+    if starts not in ("aligned", "random"):
+        raise ValueError(f"induction_rows: starts={starts!r} is not allowed; expected 'aligned' "
+                         f"or 'random'")
     import numpy as np
     from jaxkv.tasks.retrieval import COPY_WORDS
     from jaxkv.tasks.vocab import BOS_ID, TOKEN_TO_ID
@@ -49,23 +58,16 @@ def induction_rows(rng, n_rows, seq_len, chunk=4):
     start = 1 + n_src
     for b in range(n_rows):
         src = rng.choice(pool, size=n_src, replace=False)
-        picks = rng.choice(n_src // chunk, size=n_copy, replace=n_copy > n_src // chunk)
-        copy = np.concatenate([src[c * chunk:(c + 1) * chunk] for c in picks])
+        if starts == "aligned":
+            picks = chunk * rng.choice(n_src // chunk, size=n_copy,
+                                       replace=n_copy > n_src // chunk)
+        else:
+            picks = rng.integers(0, n_src - chunk + 1, size=n_copy)
+        copy = np.concatenate([src[c:c + chunk] for c in picks])
         tokens[b, :start + len(copy)] = np.concatenate([[BOS_ID], src, copy])
         for c in range(n_copy):  # predictions of a chunk's words 2..chunk
             mask[b, start + c * chunk:start + (c + 1) * chunk - 1] = 1.0
     return tokens, mask
-
-
-def normal_kernels(params, std: float, seed: int = 1):
-    """`params` with every projection kernel redrawn from normal(std) (Hugging Face's
-    `initializer_range` init) instead of Flax's lecun_normal; embeddings and norms unchanged."""
-    import jax
-    leaves, tree = jax.tree_util.tree_flatten_with_path(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [
-        std * jax.random.normal(k, x.shape, x.dtype) if "kernel" in jax.tree_util.keystr(p) else x
-        for (p, x), k in zip(leaves, keys)])
 
 
 def main(argv=None):
@@ -77,6 +79,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--init-std", type=float, default=None,
                    help="draw every projection kernel from normal(std) instead of lecun_normal")
+    p.add_argument("--starts", choices=("aligned", "random"), default="aligned",
+                   help="where copied chunks start in the source (see induction_rows)")
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--out", default="runs/induction_plateau")
     p.add_argument("--save", default=None,
@@ -108,14 +112,13 @@ def main(argv=None):
                        schedule_steps=None, restart_learning_rate=None)
     optimizer = make_optimizer(cfg)
     step_fn = make_train_step(cfg, optimizer)
-    params = init_params(model, 0)
-    if args.init_std is not None:
-        params = normal_kernels(params, args.init_std)
+    params = init_params(model, 0, kernel_std=args.init_std)
     opt_state = optimizer.init(params)
     positions = jnp.broadcast_to(jnp.arange(args.seq_len), (args.batch, args.seq_len))
     curve, t0 = [], time.time()
     for step in tqdm(range(args.steps), desc=f"induction b{args.batch}", dynamic_ncols=True):
-        tokens, mask = induction_rows(np.random.default_rng([3, step]), args.batch, args.seq_len)
+        tokens, mask = induction_rows(np.random.default_rng([3, step]), args.batch, args.seq_len,
+                                      starts=args.starts)
         params, opt_state, loss, acc = step_fn(params, opt_state, jnp.asarray(tokens),
                                                jnp.asarray(mask), positions)
         if (step + 1) % args.every == 0 or step + 1 == args.steps:

@@ -92,9 +92,10 @@ def main(argv=None):
     from configs.tiny import CONFIG as BASE
     from jaxkv.embedded import load_embedded
     from jaxkv.model import Decoder, init_params
+    from jaxkv.model.decoder import normal_kernels
     from jaxkv.tasks import make_training_batch, sample_examples
     from train.pretrain import Stage, batch_for_step, make_optimizer, make_train_step
-    from induction_plateau import induction_rows, normal_kernels
+    from induction_plateau import induction_rows
 
     train_tasks, probe_tasks, seq_len, lr, scratch = VARIANTS[args.variant]
     cfg = BASE.replace(stages=(Stage(steps=args.steps, seq_len=seq_len, tasks=train_tasks),),
@@ -110,7 +111,7 @@ def main(argv=None):
     else:
         params = init_params(cfg.model, 0) if scratch else load_embedded().params
     if args.init_std is not None:
-        params = normal_kernels(params, args.init_std)
+        params = normal_kernels(params, args.init_std, seed=1)
     optimizer = make_optimizer(cfg)
     step_fn = make_train_step(cfg, optimizer)
     opt_state = optimizer.init(params)

@@ -181,3 +181,38 @@ def test_fine_tune_may_change_the_context_bound_and_nothing_else():
     assert tiny_config(base=base).replace(model=longer).model.max_position_embeddings == 512
     with pytest.raises(ValueError, match="max_position_embeddings"):
         tiny_config(base=base).replace(model=TINY_MODEL.replace(num_layers=3))
+
+
+def test_init_std_draws_normal_kernels_and_is_fingerprinted_only_when_set():
+    from jaxkv.model import init_params
+    lecun = init_params(TINY_MODEL, 0)
+    normal = init_params(TINY_MODEL, 0, kernel_std=0.02)
+    flat_l = dict(jax.tree_util.tree_flatten_with_path(lecun)[0])
+    for path, x in jax.tree_util.tree_flatten_with_path(normal)[0]:
+        if "kernel" in jax.tree_util.keystr(path):  # fan_in 32: lecun std 1/sqrt(32) = 0.18
+            assert abs(float(np.std(np.asarray(x))) - 0.02) < 0.004, jax.tree_util.keystr(path)
+        else:  # embeddings and norms are the default init's
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(flat_l[path]))
+    plain = tiny_config()
+    assert config_fingerprint(plain.replace(init_std=None)) == config_fingerprint(plain)
+    assert config_fingerprint(plain.replace(init_std=0.02)) != config_fingerprint(plain)
+    # a base's init is part of its fine-tune's fingerprint, and unset it leaves the repr as it was
+    assert "init_std" not in repr(plain) and "init_std=0.02" in repr(plain.replace(init_std=0.02))
+    for bad in (0.0, -0.02, "0.02"):
+        with pytest.raises(ValueError, match="init_std"):
+            tiny_config(init_std=bad)
+        with pytest.raises(ValueError, match="kernel_std"):
+            init_params(TINY_MODEL, 0, kernel_std=bad)
+
+
+def test_stage_batch_size_overrides_the_config_and_is_fingerprinted_only_when_set():
+    plain = tiny_config()
+    wide = plain.replace(stages=(dataclasses.replace(plain.stages[0], batch_size=6),
+                                 plain.stages[1]))
+    assert batch_for_step(wide, 0)["tokens"].shape == (6, 40)  # the stage's own batch
+    assert batch_for_step(wide, 3)["tokens"].shape == (4, 80)  # the config's
+    assert "batch_size" not in repr(plain.stages[0])
+    assert config_fingerprint(wide) != config_fingerprint(plain)
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="batch_size"):
+            Stage(2, 80, MIX, batch_size=bad)

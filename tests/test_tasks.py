@@ -62,7 +62,7 @@ def solve(example: Example, task=None) -> str:
         source, cues = w[:q], w[q + 1:]
         assert len(set(source)) == len(source) and len(set(cues)) == len(cues)
         starts = [source.index(c) for c in cues]
-        assert all(s % task.chunk == 0 for s in starts)
+        assert task.starts == "random" or all(s % task.chunk == 0 for s in starts)
         return " ; ".join(" ".join(source[s:s + task.chunk]) for s in starts)
     if example.task == "running_sum":
         assert w[0] == "SUM" and w[-1] == "?"
@@ -148,6 +148,7 @@ EXTRA_TASKS = [
     InductionCopy(length=16, chunk=2, n_recall=1),
     InductionCopy(length=232, chunk=8, n_recall=4),
     InductionCopy(length=200, chunk=3, n_recall=32),
+    InductionCopy(length=96, chunk=4, n_recall=6, starts="aligned"),
 ]
 ALL_TASKS = [make_task(n) for n in TASKS] + EXTRA_TASKS
 IDS = [f"{t.name}:{i}" for i, t in enumerate(ALL_TASKS)]
@@ -424,6 +425,7 @@ def test_retrieval_depth_setting():
         (lambda: NiahMultiValue(n_values=0), r"n_values=0"),
         (lambda: InductionCopy(length=233), r"length=233 .*\[16, 232\]"),
         (lambda: InductionCopy(chunk=1), r"chunk=1 .*\[2, 8\]"),
+        (lambda: InductionCopy(starts="edge"), r"starts='edge' .*random, aligned"),
         (lambda: InductionCopy(length=32, chunk=8, n_recall=4),
          r"length=32, chunk=8, n_recall=4 .*26 words.*32 words"),
         (lambda: VariableTracking(n_chains=8, n_hops=4), r"n_chains=8, n_hops=4 .*<= 32"),
@@ -604,3 +606,17 @@ def test_multikey_curriculum_settings_leave_the_default_stream_unchanged():
     index = NiahMultiKey(length=96, n_keys=6, key_len=2, key_alphabet="index")
     keys = re.findall(r"MK (\S+) (\S+) =", index.sample(np.random.default_rng(3)).prompt)
     assert len(keys) == 6 and all(w in vocab.INDEX_TOKENS for k in keys for w in k)
+
+
+def test_induction_copy_random_starts_leave_no_slot_shortcut():
+    """Aligned chunks tell a word's slot from its source position mod chunk; random starts must
+    not (every residue appears), and the aligned draw keeps to multiples of chunk."""
+    def residues(task):
+        out = set()
+        for ex in sample_examples(task, 30, seed=5):
+            w = ex.prompt.split()
+            q = w.index("?")
+            out |= {w[:q].index(c) % task.chunk for c in w[q + 1:]}
+        return out
+    assert residues(InductionCopy(chunk=4)) == {0, 1, 2, 3}
+    assert residues(InductionCopy(chunk=4, starts="aligned")) == {0}

@@ -24,11 +24,11 @@ import optax
 from jaxkv.model import Decoder, Model, ModelConfig, init_params
 
 
-def _repr_unless_none(obj, later: str) -> str:
-    """The dataclass repr of `obj` without the field `later` while it is None: a field added after
-    the shipped model's fingerprint was taken (that repr had none) leaves the repr unchanged."""
+def _repr_unless_none(obj, *later: str) -> str:
+    """The dataclass repr of `obj` without the fields `later` while they are None: a field added
+    after the shipped model's fingerprint was taken (that repr had none) leaves it unchanged."""
     fields = [f for f in dataclasses.fields(obj)
-              if not (f.name == later and getattr(obj, later) is None)]
+              if not (f.name in later and getattr(obj, f.name) is None)]
     return (f"{type(obj).__qualname__}("
             + ", ".join(f"{f.name}={getattr(obj, f.name)!r}" for f in fields) + ")")
 
@@ -64,10 +64,18 @@ class Stage:
     seq_len: int
     tasks: Tuple[TaskMix, ...]
     position_span: Optional[int] = None
+    # Sequences per step in this stage (None: the config's batch_size). Short, dense stages (the
+    # induction warm-up) leave their plateau after a number of sequences, not of steps, and a
+    # large batch of short sequences costs little per sequence.
+    batch_size: Optional[int] = None
 
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"steps={self.steps}: a stage needs at least 1 step")
+        if self.batch_size is not None and not (isinstance(self.batch_size, int)
+                                                and self.batch_size >= 1):
+            raise ValueError(f"batch_size={self.batch_size!r} is not allowed; expected None or an "
+                             f"integer >= 1")
         if not self.tasks:
             raise ValueError("tasks: a stage needs at least one task")
         for t in self.tasks:
@@ -80,7 +88,7 @@ class Stage:
                              f"or an integer > seq_len={self.seq_len}")
 
     def __repr__(self):  # part of config_fingerprint
-        return _repr_unless_none(self, "position_span")
+        return _repr_unless_none(self, "position_span", "batch_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +117,17 @@ class PretrainConfig:
     # exported weights with a fresh optimiser and this config's own schedule. The fingerprint
     # covers the base (it is part of the repr), so the whole chain is reproducible from here.
     base: Optional["PretrainConfig"] = None
+    # The projection kernels' init: None keeps Flax's lecun_normal (the shipped models); a float
+    # draws them from normal(init_std) (Hugging Face's initializer_range, 0.02). With
+    # lecun_normal the embedded architecture stays on the induction plateau that normal(0.02)
+    # leaves (README: key matching). Ignored by a fine-tune (its weights come from `base`).
+    init_std: Optional[float] = None
 
     def __post_init__(self):
+        if self.init_std is not None and not (isinstance(self.init_std, (int, float))
+                                              and self.init_std > 0):
+            raise ValueError(f"init_std={self.init_std!r} is not allowed; expected None or a "
+                             f"positive float")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: must be >= 1")
         if not self.stages:
@@ -138,6 +155,9 @@ class PretrainConfig:
                                  f"({self.base.model}); a fine-tune keeps the model of its base "
                                  f"({self.model}), except max_position_embeddings")
 
+    def __repr__(self):  # a base's repr is part of its fine-tune's config_fingerprint
+        return _repr_unless_none(self, "init_std")
+
     @property
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages)
@@ -156,9 +176,10 @@ class PretrainConfig:
 def config_fingerprint(cfg: PretrainConfig) -> str:
     """sha256 of the config's repr: the shipped model's report records it, and a test checks it
     against configs/tiny.py, so a config changed without retraining is caught. `base` is left
-    out while it is None, as is a Stage's `position_span` (both came after the shipped model)."""
+    out while it is None, as are `init_std` and a Stage's `position_span` (all came after the
+    shipped model)."""
     import hashlib
-    return hashlib.sha256(_repr_unless_none(cfg, "base").encode()).hexdigest()[:16]
+    return hashlib.sha256(_repr_unless_none(cfg, "base", "init_std").encode()).hexdigest()[:16]
 
 
 def make_optimizer(cfg: PretrainConfig) -> optax.GradientTransformation:
@@ -184,7 +205,8 @@ def batch_for_step(cfg: PretrainConfig, step: int):
     stage = cfg.stage_at(step)
     rng = np.random.default_rng([cfg.seed, step])
     weights = np.array([t.weight for t in stage.tasks], np.float64)
-    picks = rng.choice(len(stage.tasks), size=cfg.batch_size, p=weights / weights.sum())
+    picks = rng.choice(len(stage.tasks), size=stage.batch_size or cfg.batch_size,
+                       p=weights / weights.sum())
     tasks = [t.make() for t in stage.tasks]
     examples = [tasks[i].sample(rng) for i in picks]
     batch = make_training_batch(examples, stage.seq_len)
@@ -284,7 +306,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str, max_steps: Optional[int] = None,
 
     os.makedirs(out_dir, exist_ok=True)
     optimizer, train_step = _optimizer_and_step(cfg)
-    params = (init_params(cfg.model, cfg.seed) if cfg.base is None
+    params = (init_params(cfg.model, cfg.seed, kernel_std=cfg.init_std) if cfg.base is None
               else base_params(cfg, out_dir, progress))
     opt_state = optimizer.init(params)
     state = {"params": params, "opt_state": opt_state, "step": np.array(0, np.int64)}  # 0-d array: orbax restores it

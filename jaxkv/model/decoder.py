@@ -229,13 +229,33 @@ def _after(x: jax.Array, cache: Any) -> jax.Array:
     return x + (dep * 0.0).astype(x.dtype)
 
 
-def init_params(config: ModelConfig, seed: int = 0):
-    """Random parameters for `config` (the pytree `Decoder(config).init` builds)."""
+def init_params(config: ModelConfig, seed: int = 0, kernel_std: Optional[float] = None):
+    """Random parameters for `config` (the pytree `Decoder(config).init` builds).
+
+    kernel_std: None keeps Flax's lecun_normal projection kernels (std 1/sqrt(fan_in)); a float
+    redraws every projection kernel from normal(kernel_std) (`normal_kernels`, key seed + 1), the
+    Hugging Face `initializer_range` init (0.02 there). Embeddings are normal(0.02) either way."""
     try:
         init = _init_fn(config)
     except TypeError:  # a config built with an unhashable field (a list): not cached
         init = _init_fn.__wrapped__(config)
-    return init(jax.random.PRNGKey(seed))
+    params = init(jax.random.PRNGKey(seed))
+    if kernel_std is None:
+        return params
+    if not (isinstance(kernel_std, (int, float)) and kernel_std > 0):
+        raise ValueError(f"kernel_std={kernel_std!r} is not allowed; expected None or a positive "
+                         f"float")
+    return normal_kernels(params, float(kernel_std), seed + 1)
+
+
+def normal_kernels(params, std: float, seed: int):
+    """`params` with every projection kernel (every leaf named `kernel`) redrawn from
+    normal(std), one key per leaf from PRNGKey(seed); embeddings and norms unchanged."""
+    leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(tree, [
+        std * jax.random.normal(k, x.shape, x.dtype) if "kernel" in jax.tree_util.keystr(p) else x
+        for (p, x), k in zip(leaves, keys)])
 
 
 @functools.lru_cache(maxsize=16)

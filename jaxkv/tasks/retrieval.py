@@ -372,7 +372,11 @@ class InductionCopy(Task):
 
     Prompt: ``length - n_recall - 2`` distinct random words of :data:`COPY_WORDS`, then ``?``
     and ``n_recall`` cue words: the first words of chunks of ``chunk`` consecutive source words
-    (chunks start at multiples of ``chunk``; drawn without replacement, in random order).
+    (distinct chunks in random order). ``starts="random"`` (the default) starts them anywhere
+    in the source (they may overlap); ``"aligned"`` only at multiples of ``chunk``, which leaves
+    a shortcut: a word's slot in its chunk is its source position mod ``chunk``, and a model
+    trained on aligned chunks learnt to pick a word of the right slot from some chunk instead of
+    matching content (accuracy stuck near 0.3; README, key matching).
     Target: ``A : c w w w ; c w w w ; ...``, each cue followed by the rest of its chunk.
 
     Every word after a cue follows from the word just written by content only (find it in the
@@ -388,8 +392,14 @@ class InductionCopy(Task):
     length: int = 96  # exact len(prompt_ids); allowed 16..232 (the source must fit COPY_WORDS)
     chunk: int = 4  # allowed 2..8
     n_recall: int = 6  # allowed 1..32; n_recall * chunk <= source words
+    starts: str = "random"  # "random" or "aligned"
+
+    STARTS: ClassVar[tuple[str, ...]] = ("random", "aligned")
 
     def __post_init__(self):
+        if self.starts not in self.STARTS:
+            raise ValueError(f"InductionCopy: starts={self.starts!r} is not allowed; expected one "
+                             f"of {', '.join(self.STARTS)}")
         self._check_int("length", 16, len(COPY_WORDS) + 4)
         self._check_int("chunk", 2, 8)
         self._check_int("n_recall", 1, 32)
@@ -415,8 +425,12 @@ class InductionCopy(Task):
         rng = self._check_rng(rng)
         n_src = self._n_source
         source = [COPY_WORDS[i] for i in rng.choice(len(COPY_WORDS), size=n_src, replace=False)]
-        picks = rng.choice(n_src // self.chunk, size=self.n_recall, replace=False).tolist()
-        chunks = [source[c * self.chunk:(c + 1) * self.chunk] for c in picks]
+        if self.starts == "aligned":
+            picks = (self.chunk * rng.choice(n_src // self.chunk, size=self.n_recall,
+                                             replace=False)).tolist()
+        else:
+            picks = rng.choice(n_src - self.chunk + 1, size=self.n_recall, replace=False).tolist()
+        chunks = [source[c:c + self.chunk] for c in picks]
         answer = " ; ".join(" ".join(c) for c in chunks)
         prompt = " ".join(source + ["?"] + [c[0] for c in chunks])
         return Example(self.name, prompt, f"A : {answer}", answer)
