@@ -56,16 +56,7 @@ WARMUP = PretrainConfig(
         Stage(steps=600, seq_len=112, tasks=SHORT),
     ),
     eval_tasks=tuple(t for t in SHORT if t.name != "induction_copy") + (_copy(64, 8),),
-    batch_size=32,
-    learning_rate=3e-3,
-    warmup_steps=100,
-    final_lr_fraction=0.1,
-    weight_decay=0.01,
-    grad_clip=1.0,
-    seed=0,
-    checkpoint_every=50,
-    eval_samples=100,
-    init_std=0.02,
+    init_std=0.02,  # the optimiser settings are PretrainConfig's defaults (configs/tiny.py's)
 )
 
 # Fine-tune 1 (400 steps, batch 64, 7.5 min): the key-matching look-ups densely supervised (several
