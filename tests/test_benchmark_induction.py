@@ -1,17 +1,28 @@
 """benchmarks/induction_plateau.py and per_token.py: the induction rows, the fresh-row report and
 the per-token probe (on the committed draft checkpoint benchmarks/checkpoints/tiny_keys)."""
+import importlib.util
 import os
-import sys
 
 import numpy as np
 import pytest
 
 BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 CHECKPOINT = os.path.join(BENCH_DIR, "checkpoints", "tiny_keys")
-sys.path.insert(0, BENCH_DIR)
 
-from induction_plateau import fresh_rows_report, induction_rows  # noqa: E402
-from per_token import parse_task, per_token_accuracy  # noqa: E402
+
+def _bench(name):
+    """benchmarks/<name>.py as a module, without putting benchmarks/ on sys.path (its kernels.py
+    would shadow the `kernels` package transformers imports)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}",
+                                                  os.path.join(BENCH_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_plateau, _per_token = _bench("induction_plateau"), _bench("per_token")
+fresh_rows_report, induction_rows = _plateau.fresh_rows_report, _plateau.induction_rows
+parse_task, per_token_accuracy = _per_token.parse_task, _per_token.per_token_accuracy
 
 
 def _chunk_starts(tokens, mask):
