@@ -78,12 +78,15 @@ def test_per_token_probe_reads_settings_and_scores_each_target_token(model):
     assert all(a >= 0.9 for _, a in acc[1:40:5])
 
 
-def test_draft_checkpoint_is_the_committed_recipe():
+@pytest.mark.parametrize("name", ["tiny_keys", "tiny_keys_quote"])
+def test_draft_checkpoints_are_their_committed_configs(name):
     import json
 
-    from configs.tiny_keys import CONFIG
+    from train.config_loading import load_config
     from train.pretrain import config_fingerprint
-    with open(os.path.join(CHECKPOINT, "train_report.json")) as f:
+    with open(os.path.join(BENCH_DIR, "checkpoints", name, "train_report.json")) as f:
         report = json.load(f)
-    assert report["config_fingerprint"] == config_fingerprint(CONFIG)
+    cfg = load_config(f"configs.{name}")
+    assert report["config_fingerprint"] == config_fingerprint(cfg)
+    assert report["steps"] == cfg.total_steps and report["seed"] == cfg.seed
     assert report["accuracy"]["running_sum"] >= 0.95 and report["accuracy"]["var_chain"] >= 0.95
