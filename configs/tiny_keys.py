@@ -74,6 +74,15 @@ DENSE = WARMUP.replace(base=WARMUP, stages=(Stage(steps=400, seq_len=128, batch_
     _copy(64, 8, 0.3),
 )),), learning_rate=2e-3, warmup_steps=30, eval_samples=50)
 
+# The tasks a fine-tune replays beside the ones it is about (small weights).
+REPLAY = (
+    TaskMix("running_sum", 0.5, (("n_digits", 8), ("random_offset", True))),
+    TaskMix("niah_multivalue", 0.5, (("length", 80), ("n_values", 4))),
+    TaskMix("niah_single", 0.3, (("length", 80),)),
+    TaskMix("passkey", 0.3, (("length", 80),)),
+    _copy(64, 8, 0.3),
+)
+
 # Fine-tune 2 (600 steps, batch 64, 16 min): niah_multikey's quoted form (the answer restates the
 # needle, so the value is read after `k =`: a match two tokens back, as in var_chain's backward
 # form) beside the plain one.
@@ -84,9 +93,4 @@ CONFIG = DENSE.replace(base=DENSE, stages=(Stage(steps=600, seq_len=144, batch_s
     TaskMix("niah_multikey", 0.5, (("length", 80), ("n_keys", 4), ("key_len", 1))),
     TaskMix("variable_tracking", 1.5, (("length", 80), ("n_hops", 2))),
     TaskMix("var_chain", 1.0, (("n_vars", 6), ("cot", "backward"))),
-    TaskMix("running_sum", 0.5, (("n_digits", 8), ("random_offset", True))),
-    TaskMix("niah_multivalue", 0.5, (("length", 80), ("n_values", 4))),
-    TaskMix("niah_single", 0.3, (("length", 80),)),
-    TaskMix("passkey", 0.3, (("length", 80),)),
-    _copy(64, 8, 0.3),
-)),))
+) + REPLAY),))

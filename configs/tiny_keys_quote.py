@@ -16,7 +16,7 @@ induction_copy 0.94. Teacher-forced (benchmarks/per_token.py): the value digits 
 answer's copy of the quote 1.00; variable tracking's first hop 0.48.
 """
 from configs.tiny_keys import CONFIG as BASE
-from configs.tiny_keys import _copy
+from configs.tiny_keys import REPLAY
 from train.pretrain import Stage, TaskMix
 
 
@@ -34,10 +34,5 @@ CONFIG = BASE.replace(base=BASE, stages=(Stage(steps=400, seq_len=168, batch_siz
     TaskMix("var_chain", 1.0, (("n_vars", 6), ("cot", "backward"))),
     TaskMix("var_chain", 0.5, (("n_vars", 10), ("cot", "backward"))),
     TaskMix("variable_tracking", 1.0, (("length", 80), ("n_hops", 2))),
-    TaskMix("running_sum", 0.5, (("n_digits", 8), ("random_offset", True))),
-    TaskMix("niah_multivalue", 0.5, (("length", 80), ("n_values", 4))),
-    TaskMix("niah_single", 0.3, (("length", 80),)),
-    TaskMix("passkey", 0.3, (("length", 80),)),
-    _copy(64, 8, 0.3),
-)),), eval_tasks=(QUOTED[1],) + tuple(
+) + REPLAY),), eval_tasks=(QUOTED[1],) + tuple(
     t for t in BASE.eval_tasks if t.name != "niah_multikey"))
