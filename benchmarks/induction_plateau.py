@@ -85,12 +85,13 @@ def fresh_rows_report(model_config, params, seq_len, starts, n_rows=256, seed=12
                                          method=Decoder.forward)
     pred, want, on = np.asarray(logits.argmax(-1)), tokens[:, 1:], mask[:, :-1] > 0
     offsets = collections.Counter()
-    for b, t in zip(*np.nonzero(on & (pred != want))):
-        where = {}  # word -> its first position: in the source (its words are distinct)
-        for i, w in enumerate(tokens[b, 1:t + 1].tolist()):
-            where.setdefault(w, i)
-        offsets[str(where[int(pred[b, t])] - where[int(want[b, t])])
-                if int(pred[b, t]) in where else "not in source"] += 1
+    for b in range(n_rows):
+        # word -> its position in the source (the words before the first copied one; distinct)
+        source = tokens[b, 1:int(np.argmax(on[b]))].tolist()
+        where = {w: i for i, w in enumerate(source)}
+        for t in np.flatnonzero(on[b] & (pred[b] != want[b])):
+            p, w = int(pred[b, t]), int(want[b, t])
+            offsets[str(where[p] - where[w]) if p in where else "not in source"] += 1
     return {"seq_len": seq_len, "copy_acc": round(float((pred == want)[on].mean()), 4),
             "wrong_offsets": dict(offsets.most_common())}
 

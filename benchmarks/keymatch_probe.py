@@ -96,6 +96,7 @@ def main(argv=None):
     from jaxkv.tasks import make_training_batch, sample_examples
     from train.pretrain import Stage, batch_for_step, make_optimizer, make_train_step
     from induction_plateau import induction_rows
+    from per_token import accuracy_by_place
 
     train_tasks, probe_tasks, seq_len, lr, scratch = VARIANTS[args.variant]
     cfg = BASE.replace(stages=(Stage(steps=args.steps, seq_len=seq_len, tasks=train_tasks),),
@@ -161,11 +162,8 @@ def main(argv=None):
             print(json.dumps(curve[-1]), flush=True)
     per_token = {}
     for label, batch, _, words in probes:
-        ok = oks[label]
-        start = int(np.argmax(batch["loss_mask"][0] > 0))
-        acc = ok[:, start:start + len(words)].mean(0)
-        per_token[label] = [[w, round(float(a), 3)] for w, a in zip(words, acc)]
-        print(label, " ".join(f"{w}:{a:.2f}" for w, a in zip(words, acc)))
+        per_token[label] = accuracy_by_place(oks[label], batch["loss_mask"], words)
+        print(label, " ".join(f"{w}:{a:.2f}" for w, a in per_token[label]))
 
     os.makedirs(args.out, exist_ok=True)
     result = {"variant": args.variant, "steps": args.steps, "seconds": round(time.time() - t0),

@@ -61,8 +61,15 @@ def per_token_accuracy(model, task, n: int, seed: int):
     logits = jax.jit(lambda p, t: Decoder(model.config).apply(
         {"params": p}, t, method=Decoder.forward))(model.params, jnp.asarray(batch["tokens"][:, :-1]))
     ok = np.asarray(logits.argmax(-1)) == batch["tokens"][:, 1:]
-    start = int(np.argmax(batch["loss_mask"][0] > 0))
-    words = examples[0].target.split() + ["<eos>"]
+    return accuracy_by_place(ok, batch["loss_mask"], examples[0].target.split() + ["<eos>"])
+
+
+def accuracy_by_place(ok, loss_mask, words):
+    """[(word, fraction right)] for the target places of a batch: ok bool [B, T - 1] (prediction
+    of token t + 1 right), loss_mask [B, T] (the `make_training_batch` convention), words the
+    first example's target (the targets start at the same place in every row)."""
+    import numpy as np
+    start = int(np.argmax(loss_mask[0] > 0))
     return [(w, round(float(a), 3)) for w, a in zip(words, ok[:, start:start + len(words)].mean(0))]
 
 
