@@ -108,7 +108,10 @@ def solve(example: Example, task=None) -> str:
         key = w[-4:-1]
         return " , ".join(" ".join(n[4:]) for n in _needles(w, "MV") if n[:3] == key)
     if example.task == "variable_tracking":
-        value = w[-6:-1]
+        value = w[w.index("Q") + 1:-1]
+        if example.target.split()[0] != "A":  # restate=True: `d.. X.. ; A : X..`
+            cot = example.target.split(" ; ")[0].split()
+            assert cot[:len(value)] == value and " ".join(cot[len(value):]) == example.answer
         stmts = _needles(w, "VT")  # [X, =, rhs...]
         chain = [s[0] for s in stmts if s[2:] == value]
         assert len(chain) == 1
@@ -144,6 +147,9 @@ EXTRA_TASKS = [
     NiahMultiValue(n_values=8, length=512),
     VariableTracking(n_chains=1, n_hops=1, length=64),
     VariableTracking(n_chains=4, n_hops=7, length=1024),
+    VariableTracking(n_hops=2, length=64, value_len=1, restate=True),
+    VariableTracking(n_chains=10, n_hops=2, length=512, value_len=1),
+    VariableTracking(n_chains=3, length=224, value_len=2, restate=True),
     Passkey(length=8192),
     InductionCopy(length=16, chunk=2, n_recall=1),
     InductionCopy(length=232, chunk=8, n_recall=4),
@@ -429,6 +435,10 @@ def test_retrieval_depth_setting():
         (lambda: InductionCopy(length=32, chunk=8, n_recall=4),
          r"length=32, chunk=8, n_recall=4 .*26 words.*32 words"),
         (lambda: VariableTracking(n_chains=8, n_hops=4), r"n_chains=8, n_hops=4 .*<= 32"),
+        (lambda: VariableTracking(value_len=6), r"value_len=6 .*\[1, 5\]"),
+        (lambda: VariableTracking(n_chains=11, n_hops=1, value_len=1),
+         r"n_chains=11 .*value_len=1.*<= 10"),
+        (lambda: VariableTracking(restate="yes"), r"restate='yes' .*True or False"),
         (lambda: make_task("var_chain", n_vars=-3), r"n_vars=-3"),
     ],
 )
@@ -591,6 +601,15 @@ def test_running_sum_random_offset_labels_and_default():
         make_task("running_sum", n_digits=2).make_example([1, 2], offset=63)
     with pytest.raises(ValueError, match="random_offset"):
         make_task("running_sum", random_offset="yes")
+
+
+def test_variable_tracking_new_settings_leave_the_default_stream_unchanged():
+    """value_len / restate came after the shipped models were trained: at their defaults the
+    examples are the ones drawn before (pinned hash)."""
+    import hashlib
+    ex = sample_examples(VariableTracking(length=224), 8, 0)
+    digest = hashlib.sha256("|".join(e.prompt + "#" + e.target for e in ex).encode()).hexdigest()
+    assert digest[:16] == "3ef768a207b14f3c"
 
 
 def test_multikey_curriculum_settings_leave_the_default_stream_unchanged():

@@ -284,16 +284,32 @@ class VariableTracking(_HaystackTask):
     ``VT X3 = d d d d d .`` then ``VT X7 = X3 .``, ``VT X1 = X7 .`` ... (chains interleaved,
     each in assignment order, distinct 5-digit values, distinct names), scattered in filler.
     Query ``Q d d d d d ?`` (one chain's value); target ``A : X3 X7 X1 ...`` (that chain's
-    variables in order of assignment). The other chains are distractors."""
+    variables in order of assignment). The other chains are distractors.
+
+    ``value_len`` digits per value (1..5; ``n_chains <= 10 ** value_len`` distinct values).
+    ``restate=True`` makes the target a chain of thought that first restates the queried value,
+    then walks the chain, then answers: ``d.. X3 X7 X1 ... ; A : X3 X7 X1 ...``. Each name is
+    then found by the token just written (the needle whose right-hand side it is), so with
+    one-digit values every hop is the same look-up; a small model learns the later hops
+    (key = the current token) long before the first one (key = a 5-digit value three or more
+    tokens back, at chance after 2,000 steps in configs/tiny_keys.py)."""
 
     name: ClassVar[str] = "variable_tracking"
 
     n_chains: int = 2  # allowed 1..16
     n_hops: int = 4  # allowed 1..31; n_chains * (n_hops + 1) <= 32 names
+    value_len: int = PASSKEY_LEN  # allowed 1..5; n_chains <= 10 ** value_len
+    restate: bool = False
 
     def _check_settings(self):
         self._check_int("n_chains", 1, 16)
         self._check_int("n_hops", 1, 31)
+        self._check_int("value_len", 1, PASSKEY_LEN)
+        self._check_bool("restate")
+        if self.n_chains > 10 ** self.value_len:
+            raise ValueError(
+                f"VariableTracking: n_chains={self.n_chains} is not allowed with value_len="
+                f"{self.value_len}; expected n_chains <= {10 ** self.value_len} distinct values")
         n_names = self.n_chains * (self.n_hops + 1)
         if n_names > len(VAR_TOKENS):
             raise ValueError(
@@ -304,19 +320,21 @@ class VariableTracking(_HaystackTask):
 
     @property
     def _fixed_tokens(self) -> int:
-        # per chain: VT X = d d d d d .  +  n_hops * (VT X = X .) ; query: Q d d d d d ?
-        return self.n_chains * ((4 + PASSKEY_LEN) + 5 * self.n_hops) + (PASSKEY_LEN + 2)
+        # per chain: VT X = d.. .  +  n_hops * (VT X = X .) ; query: Q d.. ?
+        return self.n_chains * ((4 + self.value_len) + 5 * self.n_hops) + (self.value_len + 2)
 
     @property
     def _target_len(self) -> int:
-        return 2 + (self.n_hops + 1) + 1
+        # (d.. X.. ;)? A : X.. <eos>
+        restated = self.value_len + self.n_hops + 2 if self.restate else 0
+        return restated + 2 + (self.n_hops + 1) + 1
 
     def sample(self, rng: np.random.Generator) -> Example:
         rng = self._check_rng(rng)
         n_c, n_v = self.n_chains, self.n_hops + 1
         ids = rng.choice(len(VAR_TOKENS), size=n_c * n_v, replace=False).reshape(n_c, n_v)
         names = [[VAR_TOKENS[i] for i in row] for row in ids]  # [n_chains][n_hops + 1]
-        values = _distinct_words(rng, PASSKEY_LEN, DIGIT_TOKENS, n_c)
+        values = _distinct_words(rng, self.value_len, DIGIT_TOKENS, n_c)
         q = int(rng.integers(0, n_c))
         # Interleave the chains: a random sequence holding each chain id n_v times; the j-th
         # occurrence of chain c is its j-th assignment.
@@ -330,7 +348,8 @@ class VariableTracking(_HaystackTask):
             rhs = values[c] if j == 0 else names[c][j - 1]
             needles.append((pos, f"VT {names[c][j]} = {rhs} ."))
         answer = " ".join(names[q])
-        return self._assemble(rng, needles, f"Q {values[q]} ?", f"A : {answer}", answer)
+        target = f"{values[q]} {answer} ; A : {answer}" if self.restate else f"A : {answer}"
+        return self._assemble(rng, needles, f"Q {values[q]} ?", target, answer)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
