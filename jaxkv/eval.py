@@ -68,6 +68,10 @@ class EvalConfig:
     #: (method A, method B) pairs whose paired bootstrap difference A - B `paired_comparisons`
     #: reports per task and budget and pooled over tasks (written to out_dir/paired.json).
     pairs: Tuple[Tuple[str, str], ...] = ()
+    #: The model `python -m train eval` runs this config on unless --model says otherwise: an
+    #: embedded model's name (`jaxkv.embedded.EMBEDDED_CONFIGS`, e.g. the one a config's published
+    #: figures were measured on) or a model folder; None: the embedded default.
+    model: Optional[str] = None
 
     def __post_init__(self):
         methods = _as_str_tuple(self.methods, "methods")
@@ -106,6 +110,9 @@ class EvalConfig:
                 raise ValueError(f"pairs[{i}]={pair!r}: must be two of the configured methods "
                                  f"{', '.join(methods)}")
         object.__setattr__(self, "pairs", pairs)
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ValueError(f"model={self.model!r}: give an embedded model's name or a model "
+                             f"folder, or None for the embedded default")
         for name, value in (("methods", methods), ("tasks", tasks), ("budgets", budgets),
                             ("seed", int(self.seed)), ("method_settings", method_settings),
                             ("task_settings", task_settings), ("out_dir", out_dir)):

@@ -244,6 +244,8 @@ def test_registry(model, oracle):
     ({"max_new_tokens": 0}, "max_new_tokens"),
     ({"method_settings": {"snapkv": {}}}, "method_settings"),
     ({"pairs": (("full", "snapkv"),)}, "pairs\\[0\\]"),
+    ({"model": ""}, "model=''"),
+    ({"model": 3}, "model=3"),
 ])
 def test_config_validation(changes, match):
     kw = dict(methods=("full",), budgets=(0.5,), tasks=("running_sum",))
@@ -256,3 +258,11 @@ def test_config_normalises():
     c = ev.EvalConfig(methods=["full"], budgets=[1, 0.5], tasks="running_sum")
     assert c.methods == ("full",) and c.budgets == (1.0, 0.5) and c.tasks == ("running_sum",)
     assert np.isclose(c.budgets[1], 0.5)
+
+
+def test_config_model_names_an_embedded_model_or_a_folder(tmp_path):
+    from train.evaluate import load_config_model
+    with pytest.raises(ValueError, match="not an embedded model|allowed"):
+        load_config_model("no_such_model_name_or_folder")
+    with pytest.raises(FileNotFoundError):
+        load_config_model(str(tmp_path))  # a folder without a model

@@ -216,3 +216,14 @@ def test_stage_batch_size_overrides_the_config_and_is_fingerprinted_only_when_se
     for bad in (0, 2.5):
         with pytest.raises(ValueError, match="batch_size"):
             Stage(2, 80, MIX, batch_size=bad)
+
+
+def test_task_labels_keep_repeated_task_names_apart():
+    from train.pretrain import task_labels
+    mixes = (TaskMix("passkey", 1.0, (("length", 64),)),
+             TaskMix("niah_multikey", 1.0, (("length", 96), ("key_len", 1))),
+             TaskMix("niah_multikey", 1.0, (("length", 96),)))
+    assert task_labels(mixes) == ["passkey", "niah_multikey[length=96,key_len=1]",
+                                  "niah_multikey[length=96]"]
+    with pytest.raises(ValueError, match="not distinct"):
+        task_labels(mixes + mixes[1:2])

@@ -5,9 +5,21 @@ import dataclasses
 from typing import Optional
 
 
+def load_config_model(spec: Optional[str]):
+    """An eval config's model: None (the embedded default), an embedded model's name, or a
+    model folder."""
+    from jaxkv.embedded import EMBEDDED_CONFIGS, load_embedded
+    import os
+    if spec in EMBEDDED_CONFIGS:
+        return load_embedded(name=spec)
+    if spec is not None and not os.path.isdir(spec):
+        raise ValueError(f"model={spec!r} is not an embedded model ({', '.join(EMBEDDED_CONFIGS)}) "
+                         f"nor a local folder")
+    return load_embedded(spec)
+
+
 def run_eval(config_spec: str, out_dir: str, model_path: Optional[str] = None,
              n: Optional[int] = None, progress: bool = True):
-    from jaxkv.embedded import load_embedded
     from jaxkv.eval import evaluate, format_table
     from train.config_loading import load_config
 
@@ -16,7 +28,7 @@ def run_eval(config_spec: str, out_dir: str, model_path: Optional[str] = None,
     if n is not None:
         changes["n_samples"] = n
     config = dataclasses.replace(config, **changes)
-    model = load_embedded(model_path)
+    model = load_config_model(model_path or config.model)
     records = evaluate(model, config, progress=progress)
     print(format_table(records))
     if config.pairs:

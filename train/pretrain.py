@@ -260,11 +260,12 @@ def _checkpoint_manager(directory: str):
 
 def evaluate_tasks(model: Model, tasks: Sequence[TaskMix], n: int, seed: int = 1234,
                    batch_size: int = 50) -> dict:
-    """Greedy exact-match accuracy of `model` (full cache) on n examples of each task."""
+    """Greedy exact-match accuracy of `model` (full cache) on n examples of each task, keyed by
+    `task_labels` (the task's name, with its settings where a name comes more than once)."""
     from jaxkv.generate import generate
     from jaxkv.tasks import decode, sample_examples
     out = {}
-    for mix in tasks:
+    for label, mix in zip(task_labels(tasks), tasks):
         task = mix.make()
         examples = sample_examples(task, n, seed)
         max_new = max(len(e.target_ids) for e in examples) + 4
@@ -273,8 +274,19 @@ def evaluate_tasks(model: Model, tasks: Sequence[TaskMix], n: int, seed: int = 1
             chunk = examples[i:i + batch_size]
             gen = generate(model, [e.prompt_ids for e in chunk], max_new)
             correct += sum(task.verify(e, decode(t)) for e, t in zip(chunk, gen.tokens))
-        out[mix.name] = correct / n
+        out[label] = correct / n
     return out
+
+
+def task_labels(tasks: Sequence[TaskMix]) -> list:
+    """One distinct label per task mix: its name, or `name[k=v,...]` (its settings) where two
+    mixes share a name (a report keyed by name alone kept only the last of them)."""
+    names = [m.name for m in tasks]
+    labels = [m.name if names.count(m.name) == 1 else
+              f"{m.name}[{','.join(f'{k}={v}' for k, v in m.settings)}]" for m in tasks]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"eval tasks {labels} are not distinct; remove the repeated ones")
+    return labels
 
 
 def base_params(cfg: PretrainConfig, out_dir: str, progress: bool = True):
@@ -347,7 +359,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str, max_steps: Optional[int] = None,
     if export and end == cfg.total_steps:
         model = Model(config=cfg.model, params=params, tokenizer=build_tokenizer())
         report["accuracy"] = evaluate_tasks(model, cfg.eval_tasks, cfg.eval_samples)
-        report["eval_tasks"] = {m.name: dict(m.settings) for m in cfg.eval_tasks}
+        report["eval_tasks"] = {label: dict(m.settings)
+                                for label, m in zip(task_labels(cfg.eval_tasks), cfg.eval_tasks)}
         report["eval_samples"] = cfg.eval_samples
         export_dir = os.path.join(out_dir, "model")
         save_hf(model, export_dir)
