@@ -1,7 +1,7 @@
 """Attention-output error on held-out queries: GRKV against no merging and the merging baselines,
 all at the same retention (Critical-AdaKV) and budget, on the embedded long-context prompts.
 
-    python benchmarks/grkv_error.py [--model jaxkv/assets/tiny] [--budgets 0.1 0.2] [--n 16]
+    python benchmarks/grkv_error.py [--model jaxkv/assets/tiny_run3] [--budgets 0.1 0.2] [--n 16]
 
 Per layer, relative error ||out_compressed - out_full|| / ||out_full|| over held-out queries
 (prompt queries at random positions away from GRKV's 32 reference positions and the observation
@@ -41,7 +41,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.model is None:
         from jaxkv.embedded import load_embedded
-        model = load_embedded()
+        model = load_embedded(name="tiny_run3")  # the model of the published table
     else:
         model = jaxkv.load_hf(args.model)
     rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@
 
 Every key-matching task (niah_multikey, var_chain, variable_tracking, niah_multivalue's order)
 needs a content look-up: attend to the earlier occurrence of a token and read what follows it (an
-induction head). This trains the embedded `tiny` architecture (configs/tiny.py; `--layers` to
+induction head). This trains the embedded architecture (configs/tiny_run3.py; `--layers` to
 change its depth) from a random init on nothing but dense induction rows (`induction_rows`: a
 random sequence of distinct words, then chunks of it in shuffled order, the loss on every copied
 token that follows from the previous one), and prints the loss and the accuracy on those tokens.
@@ -101,7 +101,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--seq-len", type=int, default=96)
-    p.add_argument("--layers", type=int, default=None, help="default: configs/tiny.py's 4")
+    p.add_argument("--layers", type=int, default=None, help="default: configs/tiny_run3.py's 4")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--init-std", type=float, default=None,
                    help="draw every projection kernel from normal(std) instead of lecun_normal")
@@ -127,7 +127,7 @@ def main(argv=None):
     import numpy as np
     from tqdm import tqdm
 
-    from configs.tiny import CONFIG as BASE
+    from configs.tiny_run3 import CONFIG as BASE
     from jaxkv.model import init_params
     from train.pretrain import Stage, TaskMix, make_optimizer, make_train_step
 

@@ -1,6 +1,6 @@
 """Does a short fine-tune teach the embedded model key matching? (issue 2: niah_multikey)
 
-Fine-tunes the shipped `tiny` model (or a random init) on one niah_multikey curriculum variant and
+Fine-tunes run 3 of the embedded model (`tiny_run3`) (or a random init) on one niah_multikey curriculum variant and
 prints, every `--every` steps, teacher-forced exact match of the answer on 64 fixed examples of
 each probe setting, then the per-token accuracy of the target at the end (which step fails).
 Teacher-forced exact match over the answer equals greedy exact match of that answer.
@@ -89,7 +89,7 @@ def main(argv=None):
     import numpy as np
     from tqdm import tqdm
 
-    from configs.tiny import CONFIG as BASE
+    from configs.tiny_run3 import CONFIG as BASE
     from jaxkv.embedded import load_embedded
     from jaxkv.model import Decoder, init_params
     from jaxkv.model.decoder import normal_kernels
@@ -110,7 +110,7 @@ def main(argv=None):
                              f"embedded architecture ({cfg.model})")
         params = init_model.params
     else:
-        params = init_params(cfg.model, 0) if scratch else load_embedded().params
+        params = init_params(cfg.model, 0) if scratch else load_embedded(name="tiny_run3").params
     if args.init_std is not None:
         params = normal_kernels(params, args.init_std, seed=1)
     optimizer = make_optimizer(cfg)

@@ -1,7 +1,7 @@
 """Do the heads RLKV keeps matter? Stream one KV head at a time (sink + window), every other head
 full, and compare the accuracy lost for heads RLKV keeps against heads it drops.
 
-    python benchmarks/rlkv_ablation.py --gates jaxkv/assets/tiny/gates_rlkv.json --sparsity 0.5
+    python benchmarks/rlkv_ablation.py --gates jaxkv/assets/tiny_run3/gates_rlkv.json --sparsity 0.5
 
 For each of the L * K heads: greedy pass@1 on the embedded reasoning tasks (the same --n problems
 for every head) with only that head streaming. Heads are "kept" / "dropped" by RLKV's selection at
@@ -28,7 +28,7 @@ def accuracy(model, task, examples, policy, batch_size, mnt):
 
 
 def main(argv=None):
-    from configs.tiny import BENCHMARK_TASKS
+    from configs.tiny_run3 import BENCHMARK_TASKS
     from jaxkv.embedded import load_embedded
     from jaxkv.eval import EvalConfig
 
@@ -42,7 +42,7 @@ def main(argv=None):
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default="runs/rlkv_ablation.json")
     args = ap.parse_args(argv)
-    model = load_embedded(args.model)
+    model = load_embedded(args.model, name="tiny_run3")  # the model the gates were trained on
     gates = load_gates(args.gates)
     layers, kv = gates.shape
     full_heads, _ = select_heads(tuple(map(tuple, gates.tolist())), args.sparsity)

@@ -1,8 +1,8 @@
 """How many full heads does a reasoning task need? A greedy search over which KV heads stream,
 against the order RLKV's (and DuoAttention's) gates give.
 
-    python benchmarks/rlkv_oracle.py --gates jaxkv/assets/tiny/gates_rlkv.json \
-        --gates jaxkv/assets/tiny/gates_duo.json
+    python benchmarks/rlkv_oracle.py --gates jaxkv/assets/tiny_run3/gates_rlkv.json \
+        --gates jaxkv/assets/tiny_run3/gates_duo.json
 
 Score of a head set: teacher-forced exact match, the fraction of problems whose every target token
 is the argmax of the model with those heads streaming (sink + window; prompt positions attend in
@@ -104,7 +104,7 @@ def main(argv=None):
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default="runs/rlkv_oracle.json")
     args = ap.parse_args(argv)
-    model = load_embedded(args.model)
+    model = load_embedded(args.model, name="tiny_run3")  # the model the gates were trained on
     settings = {k: int(v) for k, v in (s.split("=") for s in args.setting)}
     task = make_task(args.task, **settings)
     shape = (model.config.num_layers, model.config.num_kv_heads)

@@ -25,7 +25,7 @@ value digit of plain niah_multikey (`Q k k k ? A :`, the key three or more token
 answer) stays at 0.39 (chance 0.25) and variable tracking's first hop (a 5-digit key) at 0.50
 (chance, 2 chains), while its later hops (the current token is the key) are at 1.00.
 """
-from configs.tiny import MODEL
+from configs.tiny_run3 import MODEL
 from train.pretrain import PretrainConfig, Stage, TaskMix
 
 
@@ -56,7 +56,7 @@ WARMUP = PretrainConfig(
         Stage(steps=600, seq_len=112, tasks=SHORT),
     ),
     eval_tasks=tuple(t for t in SHORT if t.name != "induction_copy") + (_copy(64, 8),),
-    init_std=0.02,  # the optimiser settings are PretrainConfig's defaults (configs/tiny.py's)
+    init_std=0.02,  # the optimiser settings are PretrainConfig's defaults (configs/tiny_run3.py's)
 )
 
 # Fine-tune 1 (400 steps, batch 64, 7.5 min): the key-matching look-ups densely supervised (several

@@ -1,6 +1,6 @@
-"""The embedded model with its retrieval tasks at 1K tokens: a fine-tune of configs/tiny.py.
+"""Run 3 of the embedded model with its retrieval tasks at 1K tokens: a fine-tune of configs/tiny_run3.py.
 
-configs/tiny.py trains on 256-token sequences; its model fails retrieval beyond them (niah_single
+configs/tiny_run3.py trains on 256-token sequences; its model fails retrieval beyond them (niah_single
 0.22 at 384 tokens, 0.34 at 512; passkey 0.84 / 0.32), even for a needle a few tokens before the
 query: the relative distances to <bos> and the first tokens, which every attention pattern leans
 on, were never seen. Training at 1K tokens costs 17x a 256-token step on 2 CPU cores (41 s a step
@@ -16,15 +16,15 @@ niah_multivalue 0.00, var_chain 0.08, niah_multikey 0.05, variable_tracking 0.00
 224-token skills of its base (niah_single 1.00, passkey 0.98, niah_multivalue 0.74 on 50 prompts)
 and reaches past its training span's 1K (niah_single 0.92, passkey 0.92 at 2,000 tokens).
 `python -m train pretrain --config configs/tiny_long.py --out runs/tiny_long` reproduces it; it
-trains configs/tiny.py into runs/tiny_long/base first, or reuses a copy of jaxkv/assets/tiny put
+trains configs/tiny_run3.py into runs/tiny_long/base first, or reuses a copy of jaxkv/assets/tiny_run3 put
 there (its train_report.json carries the fingerprint the base must have).
 """
 import dataclasses
 
-from configs.tiny import CONFIG as BASE
-from configs.tiny import EVAL_TASKS as SHORT_TASKS
-from configs.tiny import MODEL as BASE_MODEL
-from configs.tiny import STAGE4
+from configs.tiny_run3 import CONFIG as BASE
+from configs.tiny_run3 import EVAL_TASKS as SHORT_TASKS
+from configs.tiny_run3 import MODEL as BASE_MODEL
+from configs.tiny_run3 import STAGE4
 from train.pretrain import Stage, TaskMix
 
 LENGTH = 1024  # the retrieval tasks' prompt length here

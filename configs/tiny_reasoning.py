@@ -1,5 +1,5 @@
 """A reasoning-only variant of the embedded model, for the RLKV evaluation while the all-task
-model (configs/tiny.py) does not yet meet its bar: the same architecture (4 layers x 4 KV heads),
+model (configs/tiny_run3.py) does not yet meet its bar: the same architecture (4 layers x 4 KV heads),
 trained on the two reasoning tasks alone, short to long.
 
     python -m train pretrain --config configs/tiny_reasoning.py --out runs/tiny_reasoning
@@ -7,7 +7,7 @@ trained on the two reasoning tasks alone, short to long.
 Stages: running_sum 8 -> 16 -> 24 digits (the short stages label from a random index offset so
 every index token is trained), var_chain 6 -> 10 -> 16 variables; 600 steps of batch 32.
 """
-from configs.tiny import MODEL
+from configs.tiny_run3 import MODEL
 from train.pretrain import PretrainConfig, Stage, TaskMix
 
 EVAL_TASKS = (

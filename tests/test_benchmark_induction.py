@@ -78,7 +78,7 @@ def test_per_token_probe_reads_settings_and_scores_each_target_token(model):
     assert all(a >= 0.9 for _, a in acc[1:40:5])
 
 
-@pytest.mark.parametrize("name", ["tiny_keys", "tiny_keys_quote"])
+@pytest.mark.parametrize("name", ["tiny_keys", "tiny_keys_quote", "tiny_keys_long"])
 def test_draft_checkpoints_are_their_committed_configs(name):
     import json
 

@@ -295,3 +295,19 @@ def test_paper_config_code_path(tmp_path, name):
     assert g.shape == (1, 2) and (g >= 0).all() and (g <= 1).all()
     log = [json.loads(x) for x in open(tmp_path / "run" / "train_log.jsonl")]
     assert len(log) == 2 and all(np.isfinite(r["policy_loss"]) for r in log)
+
+
+def test_load_model_takes_embedded_names():
+    """"embedded" is the default model; an embedded name picks that one (the run-3 recipes
+    train on "tiny_run3"); anything else is a folder."""
+    from jaxkv.embedded import embedded_model_path
+    for name in ("tiny", "tiny_run3"):
+        if embedded_model_path(name=name) is None:
+            pytest.skip(f"jaxkv/assets/{name} is missing")
+    default, run3 = load_model("embedded"), load_model("tiny_run3")
+    assert default.path.endswith("tiny") and run3.path.endswith("tiny_run3")
+    import configs.duo.tiny_run3 as duo3
+    import configs.rlkv.tiny_run3 as rlkv3
+    assert rlkv3.CONFIG.model == duo3.CONFIG.model == "tiny_run3"
+    with pytest.raises(FileNotFoundError, match="not a local folder"):
+        load_model("no_such_folder")

@@ -204,7 +204,7 @@ class RLKVConfig:
     defaults where the paper gives them; see configs/rlkv/*.py."""
 
     data: Source
-    model: str = "embedded"  # a local HF-style folder, or "embedded" (jaxkv.embedded)
+    model: str = "embedded"  # a local HF-style folder, "embedded" (the default) or an embedded name
     dtype: Optional[str] = None  # None: the checkpoint's
     # -- rollouts
     group_size: int = 4  # completions per prompt (paper 4)
@@ -500,17 +500,20 @@ def gate_update_fn(learning_rate: float, weight_decay: float, betas: Tuple[float
 # ==== shared with train/duo.py: model, mesh, state, checkpoints, logs =============================
 
 def load_model(spec: str, dtype: Optional[str] = None):
-    """"embedded" -> the embedded model (package assets, else runs/tiny/model); else a local
+    """"embedded" -> the embedded default (package assets, else runs/tiny/model); an embedded
+    model's name (jaxkv.embedded.EMBEDDED_CONFIGS, e.g. "tiny_run3") -> that one; else a local
     HF-style folder."""
+    from jaxkv.embedded import EMBEDDED_CONFIGS, embedded_model_path
     from jaxkv.hf import load_hf
-    if spec == "embedded":
-        from jaxkv.embedded import embedded_model_path
-        path = embedded_model_path("runs/tiny")
+    if spec == "embedded" or spec in EMBEDDED_CONFIGS:
+        name = "tiny" if spec == "embedded" else spec
+        path = embedded_model_path(f"runs/{name}", name=name)
         if path is None:
             raise FileNotFoundError(
-                "model='embedded': no embedded model found (jaxkv/assets/tiny or "
-                "runs/tiny/model); train it with `python -m train pretrain --config "
-                "configs/tiny.py --out runs/tiny`, or set model to a local folder")
+                f"model={spec!r}: no embedded model found (jaxkv/assets/{name} or "
+                f"runs/{name}/model); train it with `python -m train pretrain --config "
+                f"{EMBEDDED_CONFIGS[name].replace('.', '/')}.py --out runs/{name}`, or set model "
+                f"to a local folder")
         return load_hf(path, dtype=dtype)
     return load_hf(spec, dtype=dtype)
 

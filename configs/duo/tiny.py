@@ -9,7 +9,9 @@ weight decay, synthetic multi-key needle / passkey retrieval data.
 Scaled for the tiny model: the same sink 4 + window 16 tokens as configs/rlkv/tiny.py (so the two
 methods train the same mixed model and their gates are comparable; see the reasoning there),
 retrieval prompts of 96..224 tokens (the embedded model's evaluation length is 224) with 3..8
-keys, batches of 8 sequences, 200 steps.
+keys, batches of 8 sequences, 200 steps. niah_multikey is in the quoted form the default model
+answers (`quote=True`); configs/duo/tiny_run3.py is this recipe on run 3 (plain form), which
+trained the gates of the published figures (jaxkv/assets/tiny_run3/gates_duo.json).
 """
 from jaxkv.tasks import RETRIEVAL_TASKS
 from train.duo import DuoConfig
@@ -17,13 +19,19 @@ from train.pretrain import TaskMix
 
 assert {"niah_multikey", "passkey"} <= set(RETRIEVAL_TASKS), RETRIEVAL_TASKS
 
-TASKS = (
-    TaskMix("niah_multikey", 1.0, (("length", 96), ("n_keys", 3))),
-    TaskMix("niah_multikey", 1.0, (("length", 160), ("n_keys", 6))),
-    TaskMix("niah_multikey", 2.0, (("length", 224), ("n_keys", 8))),
-    TaskMix("passkey", 0.5, (("length", 160),)),
-    TaskMix("passkey", 0.5, (("length", 224),)),
-)
+
+
+def retrieval_tasks(multikey_settings=(("quote", True),)):
+    return (
+        TaskMix("niah_multikey", 1.0, (("length", 96), ("n_keys", 3)) + multikey_settings),
+        TaskMix("niah_multikey", 1.0, (("length", 160), ("n_keys", 6)) + multikey_settings),
+        TaskMix("niah_multikey", 2.0, (("length", 224), ("n_keys", 8)) + multikey_settings),
+        TaskMix("passkey", 0.5, (("length", 160),)),
+        TaskMix("passkey", 0.5, (("length", 224),)),
+    )
+
+
+TASKS = retrieval_tasks()
 
 CONFIG = DuoConfig(
     tasks=TASKS,

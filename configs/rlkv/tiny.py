@@ -2,6 +2,10 @@
 
     python -m train rlkv --config configs/rlkv/tiny.py --out runs/rlkv_tiny
 
+var_chain is in the backward chain-of-thought form the default model is trained on;
+configs/rlkv/tiny_run3.py is this recipe on run 3 (forward form), which trained the gates of the
+published RLKV figures (jaxkv/assets/tiny_run3/gates_rlkv.json).
+
 Kept from the paper: group size 4, temperature 1.0, eps_clip 0.4, beta 1e-3, tau 0.5, AdamW lr 1e-2
 constant, weight decay 0.017, betas (0.9, 0.999), grad clip 1.0, gates initialised to 1 and
 clipped into [0, 1], group advantage normalisation (the paper's text; "batch" is the authors'
@@ -35,10 +39,18 @@ from train.rlkv import EmbeddedSource, RLKVConfig
 
 assert set(REASONING_TASKS) == {"running_sum", "var_chain"}, REASONING_TASKS
 
-DATA = EmbeddedSource(tasks=(
-    *(TaskMix("running_sum", 1.0, (("n_digits", n),)) for n in (8, 12, 16, 20, 24)),
-    *(TaskMix("var_chain", 1.0, (("n_vars", n),)) for n in (6, 8, 10, 12, 14, 16)),
-))
+
+
+def reasoning_data(var_chain_settings=(("cot", "backward"),)):
+    """The self-distillation pool's tasks: running_sum and var_chain over a range of sizes."""
+    return EmbeddedSource(tasks=(
+        *(TaskMix("running_sum", 1.0, (("n_digits", n),)) for n in (8, 12, 16, 20, 24)),
+        *(TaskMix("var_chain", 1.0, (("n_vars", n),) + var_chain_settings)
+          for n in (6, 8, 10, 12, 14, 16)),
+    ))
+
+
+DATA = reasoning_data()
 
 CONFIG = RLKVConfig(
     data=DATA,
