@@ -14,7 +14,7 @@ The recipe is a chain of fine-tunes (`PretrainConfig(base=...)`), each config th
 2. configs/tiny_keys_quote.py: niah_multikey's quoted form (19 min);
 3. configs/tiny_keys_long.py: up to the benchmark lengths, variable tracking in its restated
    one-digit form (53 min);
-4. configs/tiny_keys_mk.py: niah_multikey and niah_multivalue (28 min).
+4. configs/tiny_keys_mk.py: niah_multikey and niah_multivalue (24 min).
 
 The task forms (the benchmark's, EVAL_TASKS) are the ones whose every step is a look-up keyed by
 the token just written or the one before it, which this model learns; a key three or more tokens
@@ -22,8 +22,9 @@ back it did not learn in any budget tried (README: key matching): var_chain's ba
 thought, niah_multikey's quoted answer, variable tracking restating a one-digit value.
 """
 from configs.tiny_keys_mk import CONFIG
-from configs.tiny_run3 import MODEL  # noqa: F401  (the architecture: run 3's)
 from train.pretrain import task_labels
+
+MODEL = CONFIG.model  # the architecture (run 3's, configs/tiny_run3.py)
 
 # The default (evaluation) settings of each task: what the training report scores.
 EVAL_TASKS = CONFIG.eval_tasks

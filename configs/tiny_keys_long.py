@@ -22,7 +22,6 @@ passkey 0.96, niah_multikey quoted 0.71 (1-letter keys) / 0.63 (3-letter keys), 
 niah_multikey misses the second value digit (0.72 / 0.73; the first 1.00 / 0.93): see
 configs/tiny_keys_mk.py.
 """
-from configs.tiny_keys import REPLAY  # noqa: F401  (documented beside this recipe)
 from configs.tiny_keys_quote import CONFIG as BASE
 from train.pretrain import Stage, TaskMix
 

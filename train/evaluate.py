@@ -8,14 +8,12 @@ from typing import Optional
 def load_config_model(spec: Optional[str]):
     """An eval config's model: None (the embedded default), an embedded model's name, or a
     model folder."""
-    from jaxkv.embedded import EMBEDDED_CONFIGS, load_embedded
+    from jaxkv.embedded import EMBEDDED_CONFIGS, load_model
     import os
-    if spec in EMBEDDED_CONFIGS:
-        return load_embedded(name=spec)
-    if spec is not None and not os.path.isdir(spec):
+    if spec is not None and spec not in EMBEDDED_CONFIGS and not os.path.isdir(spec):
         raise ValueError(f"model={spec!r} is not an embedded model ({', '.join(EMBEDDED_CONFIGS)}) "
                          f"nor a local folder")
-    return load_embedded(spec)
+    return load_model(spec, dtype="float32")
 
 
 def run_eval(config_spec: str, out_dir: str, model_path: Optional[str] = None,

@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxkv.embedded import load_model
 from jaxkv.jsonio import write_json_atomic
 from jaxkv.model.config import ModelConfig
 from jaxkv.model.decoder import Decoder
@@ -498,25 +499,6 @@ def gate_update_fn(learning_rate: float, weight_decay: float, betas: Tuple[float
 
 
 # ==== shared with train/duo.py: model, mesh, state, checkpoints, logs =============================
-
-def load_model(spec: str, dtype: Optional[str] = None):
-    """"embedded" -> the embedded default (package assets, else runs/tiny/model); an embedded
-    model's name (jaxkv.embedded.EMBEDDED_CONFIGS, e.g. "tiny_run3") -> that one; else a local
-    HF-style folder."""
-    from jaxkv.embedded import EMBEDDED_CONFIGS, embedded_model_path
-    from jaxkv.hf import load_hf
-    if spec == "embedded" or spec in EMBEDDED_CONFIGS:
-        name = "tiny" if spec == "embedded" else spec
-        path = embedded_model_path(f"runs/{name}", name=name)
-        if path is None:
-            raise FileNotFoundError(
-                f"model={spec!r}: no embedded model found (jaxkv/assets/{name} or "
-                f"runs/{name}/model); train it with `python -m train pretrain --config "
-                f"{EMBEDDED_CONFIGS[name].replace('.', '/')}.py --out runs/{name}`, or set model "
-                f"to a local folder")
-        return load_hf(path, dtype=dtype)
-    return load_hf(spec, dtype=dtype)
-
 
 def make_data_mesh(data_parallel: int):
     """None for 1 device, else a (data=D, model=1) mesh (0: all local devices)."""
