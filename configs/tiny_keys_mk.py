@@ -13,7 +13,7 @@ niah_multivalue misses the first digit of the next value (0.82-0.90): more value
     python -m train pretrain --config configs/tiny_keys_mk.py --out runs/tiny_keys_mk
     (with benchmarks/checkpoints/tiny_keys_long copied to runs/tiny_keys_mk/base/model)
 
-Measured (24 min on two cores; the export is the shipped default, jaxkv/assets/tiny; greedy
+Measured (24 min on two cores; export in benchmarks/checkpoints/tiny_keys_mk; greedy
 exact match, 100 prompts): running_sum 1.00, var_chain 1.00, variable_tracking 1.00,
 niah_single 1.00, passkey 0.98, niah_multikey quoted 0.76 (1-letter keys; 0.71 before) / 0.58
 (3-letter keys; 0.63 before), niah_multivalue 0.72 (0.64 before). Teacher-forced after 250 steps

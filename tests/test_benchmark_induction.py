@@ -78,7 +78,8 @@ def test_per_token_probe_reads_settings_and_scores_each_target_token(model):
     assert all(a >= 0.9 for _, a in acc[1:40:5])
 
 
-@pytest.mark.parametrize("name", ["tiny_keys", "tiny_keys_quote", "tiny_keys_long"])
+@pytest.mark.parametrize("name", ["tiny_keys", "tiny_keys_quote", "tiny_keys_long", "tiny_keys_mk",
+                                  "tiny_keys_mk2"])
 def test_draft_checkpoints_are_their_committed_configs(name):
     import json
 

@@ -9,8 +9,8 @@ weight decay, synthetic multi-key needle / passkey retrieval data.
 Scaled for the tiny model: the same sink 4 + window 16 tokens as configs/rlkv/tiny.py (so the two
 methods train the same mixed model and their gates are comparable; see the reasoning there),
 retrieval prompts of 96..224 tokens (the embedded model's evaluation length is 224) with 3..8
-keys, batches of 8 sequences, 200 steps. niah_multikey is in the quoted form the default model
-answers (`quote=True`); configs/duo/tiny_run3.py is this recipe on run 3 (plain form), which
+keys, batches of 8 sequences, 200 steps. niah_multikey is in the form the default model
+answers (`quote=True, equals=False`: quoted answers, needles without `=`); configs/duo/tiny_run3.py is this recipe on run 3 (plain form), which
 trained the gates of the published figures (jaxkv/assets/tiny_run3/gates_duo.json).
 """
 from jaxkv.tasks import RETRIEVAL_TASKS
@@ -21,7 +21,7 @@ assert {"niah_multikey", "passkey"} <= set(RETRIEVAL_TASKS), RETRIEVAL_TASKS
 
 
 
-def retrieval_tasks(multikey_settings=(("quote", True),)):
+def retrieval_tasks(multikey_settings=(("quote", True), ("equals", False))):
     return (
         TaskMix("niah_multikey", 1.0, (("length", 96), ("n_keys", 3)) + multikey_settings),
         TaskMix("niah_multikey", 1.0, (("length", 160), ("n_keys", 6)) + multikey_settings),
