@@ -79,7 +79,7 @@ def test_per_token_probe_reads_settings_and_scores_each_target_token(model):
 
 
 @pytest.mark.parametrize("name", ["tiny_keys", "tiny_keys_quote", "tiny_keys_long", "tiny_keys_mk",
-                                  "tiny_keys_mk2"])
+                                  "tiny_keys_mk2", "tiny_1k"])
 def test_draft_checkpoints_are_their_committed_configs(name):
     import json
 
