@@ -6,7 +6,7 @@ the heads are distinct settings. Task lengths are set for 2 CPU cores: reasoning
 
 The recipe is a chain of fine-tunes (`PretrainConfig(base=...)`), each config the next one's base;
 `python -m train pretrain --config configs/tiny.py --out runs/tiny` trains the whole chain
-(about 3 h 10 min on 2 cores; every link's export is committed, see each file):
+(about 3 h on 2 cores, the stage times summed; every link's export is committed, see each file):
 
 1. configs/tiny_keys.py: normal(0.02) initialisation and an induction warm-up (dense copying at 32
    tokens, batch 256: the content look-up every key-matching task needs forms in ~400 steps),

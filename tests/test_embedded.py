@@ -11,7 +11,7 @@ from train.pretrain import config_fingerprint, evaluate_tasks, task_labels
 N_FRESH = {"tiny": 40, "tiny_run3": 40, "tiny_long": 20}  # fresh examples per task, seeds unlike the report's
 
 # jaxkv/assets/<name> is committed; `python -m train pretrain --config configs/<name>.py` reproduces
-# it (tiny: about 2 h 40 min on 2 cores; tiny_run3: 2 h 20 min; tiny_long: 50 min more). Skipped only in a checkout
+# it (tiny: about 3 h on 2 cores; tiny_run3: 2 h 20 min; tiny_long: 50 min more). Skipped only in a checkout
 # without the asset.
 NAMES = [pytest.param(name, marks=pytest.mark.skipif(
     embedded_model_path(name=name) is None, reason=f"jaxkv/assets/{name} is missing"))
