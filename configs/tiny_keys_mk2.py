@@ -21,6 +21,7 @@ other task: running_sum, var_chain, variable_tracking, niah_single 1.00, passkey
 """
 from configs.tiny_keys_long import _t
 from configs.tiny_keys_mk import CONFIG as BASE
+from configs.tiny_keys_mk import REPLAY
 from train.pretrain import Stage
 
 MK = dict(length=224, quote=True, equals=False)
@@ -33,13 +34,7 @@ TASKS = (
     _t("niah_multivalue", 1.5, length=224, n_values=4),
     _t("niah_multivalue", 0.7, length=224, n_values=3),
     _t("niah_multivalue", 0.7, length=128, n_values=4),
-    _t("running_sum", 0.7, n_digits=24),
-    _t("var_chain", 0.7, n_vars=16, cot="backward"),
-    _t("variable_tracking", 0.5, length=224, value_len=1, restate=True),
-    _t("passkey", 0.5, length=224),
-    _t("niah_single", 0.3, length=224),
-    _t("induction_copy", 0.2, length=64, n_recall=8),
-)
+) + REPLAY
 
 EVAL = tuple(t for t in BASE.eval_tasks if t.name != "niah_multikey") + (
     _t("niah_multikey", 1.0, n_keys=4, key_len=1, **MK),

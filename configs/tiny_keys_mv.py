@@ -15,6 +15,7 @@ Teacher-forced, every niah_multivalue target token is >= 0.97.
 """
 from configs.tiny_keys_long import _t
 from configs.tiny_keys_mk2 import CONFIG as BASE
+from configs.tiny_keys_mk import REPLAY
 from configs.tiny_keys_mk2 import MK
 from train.pretrain import Stage
 
@@ -27,13 +28,7 @@ TASKS = (
     _t("niah_multikey", 0.5, n_keys=4, **MK),
     _t("niah_multikey", 0.5, n_keys=8, key_len=1, **MK),
     _t("niah_multikey", 0.5, n_keys=8, **MK),
-    _t("running_sum", 0.7, n_digits=24),
-    _t("var_chain", 0.7, n_vars=16, cot="backward"),
-    _t("variable_tracking", 0.5, length=224, value_len=1, restate=True),
-    _t("passkey", 0.5, length=224),
-    _t("niah_single", 0.3, length=224),
-    _t("induction_copy", 0.2, length=64, n_recall=8),
-)
+) + REPLAY
 
 EVAL = BASE.eval_tasks + (_t("niah_multivalue", 1.0, length=224, n_values=3),)
 

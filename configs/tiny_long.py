@@ -30,9 +30,16 @@ from train.pretrain import Stage, TaskMix
 LENGTH = 1024  # the retrieval tasks' prompt length here
 MODEL = dataclasses.replace(BASE_MODEL, max_position_embeddings=2048)
 
-EVAL_TASKS = tuple(
-    TaskMix(t.name, t.weight, tuple((k, LENGTH if k == "length" else v) for k, v in t.settings))
-    for t in SHORT_TASKS)
+
+
+def at_length(tasks, length):
+    """The task mixes with every `length` setting (the retrieval tasks') set to `length`."""
+    return tuple(
+        TaskMix(t.name, t.weight, tuple((k, length if k == "length" else v) for k, v in t.settings))
+        for t in tasks)
+
+
+EVAL_TASKS = at_length(SHORT_TASKS, LENGTH)
 
 # Stage 2 (appended after stage 1 was measured; schedule_steps pins stage 1's schedule): weight
 # moved from the tasks neither model solves to the retrieval tasks still below 95% at 1K.

@@ -10,8 +10,9 @@ Scaled for the tiny model: the same sink 4 + window 16 tokens as configs/rlkv/ti
 methods train the same mixed model and their gates are comparable; see the reasoning there),
 retrieval prompts of 96..224 tokens (the embedded model's evaluation length is 224) with 3..8
 keys, batches of 8 sequences, 200 steps. niah_multikey is in the form the default model
-answers (`quote=True, equals=False`: quoted answers, needles without `=`); configs/duo/tiny_run3.py is this recipe on run 3 (plain form), which
-trained the gates of the published figures (jaxkv/assets/tiny_run3/gates_duo.json).
+answers (`quote=True, equals=False`: quoted answers, needles without `=`);
+configs/duo/tiny_run3.py is this recipe on run 3 (plain form), which trained the gates of the
+published figures (jaxkv/assets/tiny_run3/gates_duo.json).
 """
 from jaxkv.tasks import RETRIEVAL_TASKS
 from train.duo import DuoConfig
