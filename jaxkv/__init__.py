@@ -6,11 +6,17 @@ from jaxkv.generate import generate
 __version__ = "0.1.0"
 
 
+_LAZY = {"load_hf": "jaxkv.hf", "save_hf": "jaxkv.hf", "load_gguf": "jaxkv.gguf",
+         "load": "jaxkv.models", "available_models": "jaxkv.models",
+         "Tokenizer": "jaxkv.tokenizer"}
+
+
 def __getattr__(name):  # lazy: keep `import jaxkv` light
-    if name in ("load_hf", "save_hf"):
-        from jaxkv import hf
-        return getattr(hf, name)
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'jaxkv' has no attribute {name!r}")
 
 
-__all__ = ["Model", "ModelConfig", "forward", "init_model", "generate", "load_hf", "save_hf"]
+__all__ = ["Model", "ModelConfig", "forward", "init_model", "generate", "load", "load_hf",
+           "save_hf", "load_gguf", "available_models", "Tokenizer"]

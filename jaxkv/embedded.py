@@ -53,21 +53,11 @@ def load_embedded(path: Optional[str] = None, dtype: str = "float32", name: str 
 
 
 def load_model(spec: Optional[str] = None, dtype: Optional[str] = None):
-    """A model by spec: None or "embedded" -> the default (its asset, else runs/tiny/model); an
-    embedded model's name (e.g. "tiny_run3") -> that one (its asset, else runs/<name>/model); else
-    a local HF-style folder. `dtype` None keeps the checkpoint's."""
-    from jaxkv.hf import load_hf
-    if spec is None or spec == "embedded" or spec in EMBEDDED_CONFIGS:
-        name = "tiny" if spec in (None, "embedded") else spec
-        path = embedded_model_path(f"runs/{name}", name=name)
-        if path is None:
-            raise FileNotFoundError(
-                f"model={spec!r}: no embedded model found (jaxkv/assets/{name} or "
-                f"runs/{name}/model); train it with `python -m train pretrain --config "
-                f"{EMBEDDED_CONFIGS[name].replace('.', '/')}.py --out runs/{name}`, or set model "
-                f"to a local folder")
-        return load_hf(path, dtype=dtype)
-    return load_hf(spec, dtype=dtype)
+    """A model by spec: None or "embedded" -> the default tiny model (its asset, else
+    runs/tiny/model); else anything `jaxkv.load` takes (a registered name such as "tiny_run3" or
+    "smollm2-135m-instruct", a folder, a .gguf file). `dtype` None keeps the checkpoint's."""
+    from jaxkv.models import load
+    return load("tiny" if spec in (None, "embedded") else spec, dtype=dtype)
 
 
 def embedded_report(path: Optional[str] = None, name: str = "tiny") -> dict:

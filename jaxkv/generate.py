@@ -127,15 +127,47 @@ def _compiled(config, static_policy, max_new_tokens, greedy, eos_ids, kernel_mod
     return jax.jit(fn)
 
 
+def _is_token_id(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def _as_token_lists(model: Model, prompts) -> List[List[int]]:
-    if isinstance(prompts, (str, np.ndarray)) or (
-            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+    """prompts: a string, a conversation ([{"role", "content"}, ...]), a list of token ids, a 1-D
+    or 2-D integer array (rows = prompts), or a list mixing strings, conversations and id lists.
+    Strings are encoded with the model's tokenizer (its BOS included), conversations rendered by
+    its chat template."""
+    from jaxkv.tokenizer import is_conversation
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        arr = np.asarray(prompts)
+        if arr.ndim not in (1, 2):
+            raise ValueError(f"prompts: an array of token ids must be 1-D (one prompt) or 2-D "
+                             f"[batch, length], got shape {arr.shape}")
+        prompts = [arr] if arr.ndim == 1 else list(arr)
+    elif isinstance(prompts, str) or is_conversation(prompts) or (
+            isinstance(prompts, Sequence) and prompts and _is_token_id(prompts[0])):
         prompts = [prompts]
-    if not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError("prompts: give a non-empty list of token-id lists or strings")
+    if not isinstance(prompts, Sequence) or isinstance(prompts, (str, bytes)) or len(prompts) == 0:
+        raise ValueError("prompts: give a string, a conversation, a list of token ids, a 2-D "
+                         "integer array, or a non-empty list of these")
     out = []
     for i, p in enumerate(prompts):
-        ids = model.encode(p) if isinstance(p, str) else [int(x) for x in np.asarray(p).ravel()]
+        if isinstance(p, str):
+            ids = model.encode(p)
+        elif is_conversation(p):
+            ids = model.encode_chat(p)
+        else:
+            arr = np.asarray(p)
+            if isinstance(p, Sequence) and any(isinstance(x, (bool, np.bool_)) for x in p):
+                arr = arr.astype(np.bool_)  # refused below: booleans are not token ids
+            if arr.ndim != 1 or (arr.size and (arr.dtype == np.bool_
+                                               or not np.issubdtype(arr.dtype, np.integer))):
+                if arr.ndim == 1 and arr.dtype == object and all(_is_token_id(x) for x in p):
+                    arr = np.asarray([int(x) for x in p], np.int64)
+                else:
+                    raise ValueError(f"prompts[{i}]: expected a string, a conversation or a 1-D "
+                                     f"list of integer token ids, got {type(p).__name__} of "
+                                     f"dtype {arr.dtype} and shape {arr.shape}")
+            ids = [int(x) for x in arr]
         if not ids:
             raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token")
         out.append(ids)
@@ -171,9 +203,14 @@ def generate(model: Model, prompts, max_new_tokens: int, policy: Any = None,
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p}: must lie in (0, 1]")
     token_lists = _as_token_lists(model, prompts)
-    limit = cfg.max_position_embeddings if cfg.sliding_window is None else min(
-        cfg.max_position_embeddings, cfg.sliding_window)
+    limit = cfg.max_position_embeddings
     for i, ids in enumerate(token_lists):
+        if (policy is not None and cfg.sliding_window is not None
+                and len(ids) + max_new_tokens > cfg.sliding_window):
+            raise ValueError(f"prompts[{i}] has {len(ids)} tokens; with max_new_tokens="
+                             f"{max_new_tokens} it passes the model's sliding_window="
+                             f"{cfg.sliding_window}, and compressed caches do not implement a "
+                             f"sliding window: use policy=None (the dense cache) for it")
         if len(ids) + max_new_tokens > limit:
             raise ValueError(f"prompts[{i}] has {len(ids)} tokens; with max_new_tokens="
                              f"{max_new_tokens} that exceeds the model's context of {limit}")

@@ -78,7 +78,7 @@ def _read_tensors(folder: str) -> Dict[str, np.ndarray]:
     return tensors
 
 
-def load_config(path: str, dtype: Optional[str] = None) -> ModelConfig:
+def load_config(path: str, dtype=None) -> ModelConfig:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a local folder (jaxkv never downloads checkpoints)")
@@ -89,13 +89,27 @@ def load_config(path: str, dtype: Optional[str] = None) -> ModelConfig:
             hf = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path}: invalid JSON ({e})") from e
-    return ModelConfig.from_hf_dict(hf, dtype=dtype)
+    config = ModelConfig.from_hf_dict(hf, dtype=dtype)
+    gen_path = os.path.join(path, "generation_config.json")
+    if os.path.exists(gen_path):  # chat models list their end-of-turn ids here
+        with open(gen_path) as f:
+            try:
+                gen = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{gen_path}: invalid JSON ({e})") from e
+        extra = gen.get("eos_token_id")
+        extra = [] if extra is None else extra if isinstance(extra, list) else [extra]
+        eos = tuple(dict.fromkeys(list(config.eos_ids) + [int(e) for e in extra]))
+        if eos != config.eos_ids:
+            config = config.replace(eos_token_id=eos)
+    return config
 
 
-def load_hf(path: str, dtype: Optional[str] = None) -> Model:
+def load_hf(path: str, dtype=None) -> Model:
     """Load a local HF checkpoint folder into a `jaxkv.Model`.
 
-    dtype: "float32", "bfloat16" or "float16" (default: the checkpoint's torch_dtype).
+    dtype: float32, bfloat16 or float16, as a name ("bf16", "float32", ...) or a dtype
+    (jnp.bfloat16, np.float16); default: the checkpoint's torch_dtype.
     """
     config = load_config(path, dtype)
     tensors = _read_tensors(path)
@@ -133,14 +147,8 @@ def load_hf(path: str, dtype: Optional[str] = None) -> Model:
         for part in key[:-1]:
             node = node.setdefault(part, {})
         node[key[-1]] = arr
-    tokenizer = None
-    tok_path = os.path.join(path, "tokenizer.json")
-    if os.path.exists(tok_path):
-        from tokenizers import Tokenizer
-        try:
-            tokenizer = Tokenizer.from_file(tok_path)
-        except Exception as e:  # tokenizers raises a bare Exception on malformed files
-            raise ValueError(f"{tok_path}: not a readable tokenizer.json ({e})") from e
+    from jaxkv.tokenizer import Tokenizer
+    tokenizer = Tokenizer.from_folder(path)
     return Model(config=config, params=params, tokenizer=tokenizer, path=path)
 
 
@@ -175,4 +183,4 @@ def save_hf(model: Model, path: str) -> None:
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     if model.tokenizer is not None:
-        model.tokenizer.save(os.path.join(path, "tokenizer.json"))
+        model.tokenizer.save(path)

@@ -17,17 +17,22 @@ NEG_INF = -1e30
 
 
 def dense_decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
-                                     lengths: jax.Array, scale: float) -> jax.Array:
+                                     lengths: jax.Array, scale: float,
+                                     window: int | None = None) -> jax.Array:
     """One query token per sequence.
 
     q: [B, H, D]; k, v: [B, K, S, D]; lengths: [B] valid slots -> out [B, H, D] (dtype of q).
-    Scores and softmax in float32. A sequence with length 0 gets zeros.
+    Scores and softmax in float32. A sequence with length 0 gets zeros. `window` (a sliding-window
+    model, e.g. Mistral): only the last `window` valid slots are seen.
     """
     b, h, d = q.shape
     kh = k.shape[1]
     qg = q.reshape(b, kh, h // kh, d).astype(jnp.float32)  # [B, K, G, D]
     scores = jnp.einsum("BKGD,BKSD->BKGS", qg, k.astype(jnp.float32)) * scale
-    valid = jnp.arange(k.shape[2])[None, :] < lengths[:, None]  # [B, S]
+    slots = jnp.arange(k.shape[2])[None, :]
+    valid = slots < lengths[:, None]  # [B, S]
+    if window is not None:
+        valid = valid & (slots >= lengths[:, None] - window)
     scores = jnp.where(valid[:, None, None, :], scores, NEG_INF)
     m = scores.max(-1, keepdims=True)
     p = jnp.exp(scores - m) * valid[:, None, None, :]

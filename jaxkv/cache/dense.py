@@ -41,8 +41,14 @@ class DenseCache:
                             v=batched_write(self.v, v, self.lengths),
                             lengths=jnp.minimum(self.lengths + 1, self.capacity))
 
-    def attend(self, q: jax.Array, scale: float) -> jax.Array:
+    def attend(self, q: jax.Array, scale: float, window: int | None = None) -> jax.Array:
+        """q: [B, H, D] -> [B, H, D]. `window`: a sliding-window model's attention span (the
+        last `window` slots; the XLA reference, which the kernels do not cover)."""
         from pallas_kernels import dispatch
+        if window is not None:
+            from pallas_kernels.dense_decode import dense_decode_attention_reference
+            return dense_decode_attention_reference(q, self.k, self.v, self.lengths, scale,
+                                                    window=window)
         return dispatch.dense_decode_attention(q, self.k, self.v, self.lengths, scale=scale)
 
     def nbytes(self) -> int:

@@ -17,8 +17,34 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
     "MistralForCausalLM",
 )
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+#: "freq_factors": per-frequency divisors (`factors`, D/2 of them), how GGUF files of Llama 3.1
+#: store its scaling (the `rope_freqs.weight` tensor)
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "freq_factors")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "float": "float32", "bf16": "bfloat16",
+                  "fp16": "float16", "f16": "float16", "half": "float16"}
+#: model_type (config.json) -> architecture, for configs whose "architectures" is missing or null
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def normalize_dtype(dtype, name: str = "dtype"):
+    """A dtype name ("float32", "bfloat16", "float16") from a string ("bf16", "fp32", ...), a
+    numpy / jax dtype or scalar type (np.float16, jnp.bfloat16); None stays None."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        key = dtype.strip().lower()
+        key = _DTYPE_ALIASES.get(key, key)
+    else:
+        try:
+            key = jnp.dtype(dtype).name
+        except TypeError:
+            key = None
+    if key not in _DTYPES:
+        raise ValueError(f"{name}={dtype!r} is not allowed; expected one of float32, bfloat16, "
+                         f"float16 (a name such as 'bf16', or jnp.float32 / np.float16)")
+    return key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +66,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q, k, v projections
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
-    sliding_window: Optional[int] = None  # Mistral; sequences longer than this are refused
+    # Mistral: each query attends to the last `sliding_window` keys (itself included); longer
+    # sequences are allowed (up to max_position_embeddings)
+    sliding_window: Optional[int] = None
     architecture: str = "LlamaForCausalLM"
     dtype: str = "float32"
     bos_token_id: Optional[int] = None
@@ -60,8 +88,15 @@ class ModelConfig:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"architecture={self.architecture!r}: supported are "
                              f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}: allowed are {', '.join(_DTYPES)}")
+        object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id={self.pad_token_id}: outside the vocabulary [0, "
+                             f"{self.vocab_size}); generation would pad with a token the model "
+                             f"does not have")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
+                                                or self.sliding_window < 1):
+            raise ValueError(f"sliding_window={self.sliding_window!r}: must be None or a positive "
+                             f"integer (tokens each query attends to)")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim}: RoPE needs an even head dimension")
         rope_type = self.rope_scaling_dict.get("rope_type", "default")
@@ -100,11 +135,12 @@ class ModelConfig:
     # ---- Hugging Face config.json <-> ModelConfig -------------------------------------------
     @classmethod
     def from_hf_dict(cls, hf: Mapping[str, Any], dtype: Optional[str] = None) -> "ModelConfig":
-        archs = hf.get("architectures") or [hf.get("model_type", "?")]
-        arch = archs[0]
+        archs = hf.get("architectures")
+        arch = archs[0] if archs else MODEL_TYPES.get(hf.get("model_type"), hf.get("model_type"))
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"architecture {arch!r} in config.json is not supported; supported are "
-                             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+                             f"{', '.join(SUPPORTED_ARCHITECTURES)} (model_type "
+                             f"{', '.join(MODEL_TYPES)})")
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         rope_scaling = hf.get("rope_scaling")
@@ -127,6 +163,7 @@ class ModelConfig:
         if arch == "MistralForCausalLM" or hf.get("use_sliding_window"):
             sliding = hf.get("sliding_window")
         torch_dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+        dtype = normalize_dtype(dtype)
         if dtype is None:
             dtype = torch_dtype if torch_dtype in _DTYPES else "float32"
         return cls(
@@ -149,7 +186,7 @@ class ModelConfig:
             dtype=dtype,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=tuple(eos) if eos else None,
-            pad_token_id=hf.get("pad_token_id") or 0,
+            pad_token_id=0 if hf.get("pad_token_id") is None else int(hf["pad_token_id"]),
         )
 
     def to_hf_dict(self) -> dict:

@@ -204,6 +204,8 @@ class Decoder(nn.Module):
             cache = cache.append(k[:, 0], v[:, 0])  # [B, K, D]
             if hasattr(cache, "attend_and_update"):  # caches that learn from queries (H2O)
                 attn, cache = cache.attend_and_update(q[:, 0], self.scale)
+            elif self.config.sliding_window is not None and isinstance(cache, DenseCache):
+                attn = cache.attend(q[:, 0], self.scale, window=self.config.sliding_window)
             else:
                 attn = cache.attend(q[:, 0], self.scale)  # [B, H, D]
             new_caches.append(cache)

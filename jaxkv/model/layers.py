@@ -40,6 +40,12 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         inv = inv / np.float32(scaling["factor"])
+    elif kind == "freq_factors":
+        factors = np.asarray(scaling["factors"], np.float32)
+        if factors.shape != inv.shape:
+            raise ValueError(f"rope_scaling factors: {factors.size} values, expected {inv.size} "
+                             f"(head_dim / 2)")
+        inv = inv / factors
     elif kind == "llama3":
         factor = float(scaling["factor"])
         low = float(scaling.get("low_freq_factor", 1.0))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 from typing import Any, Optional
 
 import jax
@@ -19,22 +21,66 @@ class Model:
 
     config: ModelConfig
     params: Any
-    tokenizer: Any = None  # a `tokenizers.Tokenizer`, when the checkpoint has tokenizer.json
+    #: a `jaxkv.tokenizer.Tokenizer` (a bare `tokenizers.Tokenizer` is wrapped in one), or None
+    tokenizer: Any = None
     path: Optional[str] = None
+    #: the registered name it was loaded by (`jaxkv.load`), else None
+    name: Optional[str] = None
+
+    def __post_init__(self):
+        from jaxkv.tokenizer import as_tokenizer
+        self.tokenizer = as_tokenizer(self.tokenizer)
 
     @property
     def module(self) -> Decoder:
         return Decoder(self.config)
 
-    def encode(self, text: str) -> list:
+    def _need_tokenizer(self):
         if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass token ids instead of text")
-        return list(self.tokenizer.encode(text).ids)
+            raise ValueError("this model has no tokenizer (its checkpoint has none): pass token "
+                             "ids instead of text")
+        return self.tokenizer
 
-    def decode(self, ids) -> str:
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer")
-        return self.tokenizer.decode(list(ids))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list:
+        """Token ids of `text`, with the special tokens (BOS) the checkpoint prepends."""
+        return self._need_tokenizer().encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._need_tokenizer().decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def chat_prompt(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
+        """The model's chat template rendered for `messages` ([{"role", "content"}, ...])."""
+        return self._need_tokenizer().chat_prompt(messages, add_generation_prompt, **kwargs)
+
+    def encode_chat(self, messages, add_generation_prompt: bool = True) -> list:
+        """Token ids of a conversation, rendered by the chat template (which writes its own
+        special tokens, so none are added)."""
+        text = self.chat_prompt(messages, add_generation_prompt)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """Architecture, shape and a hash of the config and weights (`model_fingerprint`)."""
+        return model_fingerprint(self)
+
+
+def model_fingerprint(model: Model) -> str:
+    """A string identifying `model`: its architecture and shape, and a SHA-256 over its config and
+    the first 16 values of every parameter array (cheap, and different for differently trained or
+    initialised weights). Cached on the model object (weights are not mutated in place)."""
+    cached = getattr(model, "_fingerprint", None)
+    if cached is not None and cached[0] is model.params:
+        return cached[1]
+    c = model.config
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(c), sort_keys=True, default=str).encode())
+    leaves, _ = jax.tree_util.tree_flatten_with_path(model.params)
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.asarray(jnp.ravel(leaf)[:16], np.float32).tobytes())
+    out = (f"{c.architecture}-L{c.num_layers}-H{c.num_heads}-K{c.num_kv_heads}-D{c.head_dim}-"
+           f"{h.hexdigest()[:16]}")
+    model._fingerprint = (model.params, out)
+    return out
 
 
 def init_model(config: ModelConfig, seed: int = 0, tokenizer: Any = None) -> Model:
@@ -62,8 +108,6 @@ def check_tokens(tokens, config: ModelConfig, name: str = "tokens") -> jnp.ndarr
         raise ValueError(f"{name}: ids must lie in [0, {config.vocab_size}), got range "
                          f"[{arr.min()}, {arr.max()}]")
     limit = config.max_position_embeddings
-    if config.sliding_window is not None:
-        limit = min(limit, config.sliding_window)
     if arr.shape[1] > limit:
         raise ValueError(f"{name}: length {arr.shape[1]} exceeds the model's context of {limit}")
     if isinstance(tokens, jax.Array) and tokens.shape == arr.shape:

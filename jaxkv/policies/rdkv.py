@@ -59,6 +59,7 @@ import numpy as np
 
 from jaxkv.cache import quant
 from jaxkv.cache.mixed import MixedCache
+from jaxkv.model.model import model_fingerprint
 from jaxkv.policies.base import Policy, check_budget, last_positions
 from jaxkv.policies.rd_alloc import allocate_bits, allocate_channel_bits
 from jaxkv.policies.registry import register_method
@@ -232,20 +233,6 @@ class RDKV(Policy):
 
 
 # ----------------------------------------------------------------------------- calibration
-
-
-def model_fingerprint(model) -> str:
-    """A string identifying `model`: its architecture and shape, and a SHA-256 over its config and
-    the first 16 values of every parameter array (cheap, and different for differently trained or
-    initialised weights)."""
-    c = model.config
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(c), sort_keys=True, default=str).encode())
-    leaves, _ = jax.tree_util.tree_flatten_with_path(model.params)
-    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(np.asarray(jnp.ravel(leaf)[:16], np.float32).tobytes())
-    return (f"{c.architecture}-L{c.num_layers}-H{c.num_heads}-K{c.num_kv_heads}-D{c.head_dim}-"
-            f"{h.hexdigest()[:16]}")
 
 
 @functools.lru_cache(maxsize=None)
