@@ -1,12 +1,16 @@
-"""Decode throughput of jaxkv vs transformers on the same random Llama weights and context.
+"""Decode throughput of jaxkv vs transformers on the same weights and context.
 
-  python benchmarks/decode.py                      # 4 layers, E=256, context 2048, 64 new tokens
+  python benchmarks/decode.py --model smollm2-135m-instruct --context 2048,4096 --repeats 2
+  python benchmarks/decode.py                      # random 4-layer Llama, E=256, context 2048
   python benchmarks/decode.py --layers 8 --hidden 512 --context 4096 --no-hf
   python benchmarks/decode.py --torch-threads 1     # on a busy CPU, OpenMP spinning can hurt torch
 
-Builds a random LlamaForCausalLM in transformers, saves it, loads it with `jaxkv.load_hf`, and
-times, for both libraries, after a warm-up run (so jit compilation is excluded), median of
---repeats:
+With --model (a registered name, a HF folder or a .gguf file) both libraries load that checkpoint
+(transformers reads a GGUF file with `from_pretrained(folder, gguf_file=...)`, dequantised to
+float32 like jaxkv) and the prompt is real English text (Python's bundled docs) of exactly
+--context tokens. Without it, a random LlamaForCausalLM is built in transformers, saved and loaded
+with `jaxkv.load_hf`. Both libraries are timed after a warm-up run (so jit compilation is
+excluded), median of --repeats:
   generate  end to end, greedy, no EOS, exactly --new-tokens tokens (jaxkv.generate /
             model.generate(do_sample=False, use_cache=True))
   prefill   one forward over the prompt that fills the KV cache
@@ -47,11 +51,13 @@ class BenchConfig:
     seed: int = 0
     torch_threads: int = 0  # 0: torch's default (one per core)
     hf: bool = True  # also time transformers (when installed; else jaxkv alone builds the model)
+    model: Optional[str] = None  # a real checkpoint instead of random weights
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.type in ("int", int) and f.name not in ("seed", "torch_threads") and (not isinstance(v, int) or v < 1):
+            if f.type in ("int", int) and f.name not in ("seed", "torch_threads") and (
+                    not isinstance(v, int) or v < 1):
                 raise ValueError(f"{f.name}={v!r}: must be a positive integer")
         if self.new_tokens < 2:
             raise ValueError(f"new_tokens={self.new_tokens}: need >= 2 to separate decode from "
@@ -89,7 +95,7 @@ def build_checkpoint(cfg: BenchConfig, folder: str):
     return model
 
 
-def bench_jaxkv(cfg: BenchConfig, folder: str, prompts) -> dict:
+def bench_jaxkv(cfg: BenchConfig, model, prompts) -> dict:
     """generate end to end, plus prefill and the greedy decode loop timed on their own (the same
     Decoder.prefill / Decoder.decode calls that generate makes, each jit-compiled)."""
     import jax
@@ -98,7 +104,6 @@ def bench_jaxkv(cfg: BenchConfig, folder: str, prompts) -> dict:
     from jaxkv.generate import pad_batch
     from jaxkv.model.decoder import Decoder
 
-    model = jaxkv.load_hf(folder)
     gen = {}
 
     def run_generate():
@@ -211,6 +216,44 @@ def build_checkpoint_jaxkv(cfg: BenchConfig, folder: str) -> None:
     jaxkv.save_hf(jaxkv.init_model(config, seed=cfg.seed), folder)
 
 
+def load_real(cfg: BenchConfig, with_hf: bool):
+    """(jaxkv model, torch model or None, prompts) for --model: real text of --context tokens."""
+    import jaxkv
+    from jaxkv.models import resolve
+    model = jaxkv.load(cfg.model, dtype="float32")
+    torch_model = None
+    if with_hf:
+        import torch
+        import transformers
+        _, path = resolve(cfg.model)
+        if os.path.isdir(path):
+            torch_model = transformers.AutoModelForCausalLM.from_pretrained(path,
+                                                                            dtype=torch.float32)
+        else:
+            torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+                os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+        torch_model.eval()
+    return model, torch_model, real_text_prompts(model, cfg.batch, cfg.context, cfg.seed)
+
+
+def real_text_prompts(model, batch: int, length: int, seed: int):
+    """`batch` prompts of exactly `length` tokens of Python's bundled documentation (BOS first
+    when the tokenizer adds one), each from a different starting topic."""
+    import numpy as np
+    from pydoc_data.topics import topics
+    names = sorted(topics)
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(batch):
+        start = int(rng.integers(len(names)))
+        text = "\n\n".join(topics[names[(start + i) % len(names)]] for i in range(len(names)))
+        ids = model.tokenizer.encode(text[:8 * length])
+        if len(ids) < length:
+            raise ValueError(f"context={length}: the docs give only {len(ids)} tokens here")
+        out.append(ids[:length])
+    return out
+
+
 def main(cfg: BenchConfig) -> dict:
     import numpy as np
 
@@ -219,15 +262,24 @@ def main(cfg: BenchConfig) -> dict:
         import transformers
     except ImportError:
         transformers = None
-    prompts = np.random.RandomState(cfg.seed).randint(3, cfg.vocab, (cfg.batch, cfg.context))
-    prompts = prompts.tolist()
     result = dict(config=dataclasses.asdict(cfg))
-    with tempfile.TemporaryDirectory() as folder:
-        if transformers is not None:
-            torch_model = build_checkpoint(cfg, folder)
-        else:
-            build_checkpoint_jaxkv(cfg, folder)
-        jx = bench_jaxkv(cfg, folder, prompts)
+    if cfg.model is not None:
+        model, torch_model, prompts = load_real(cfg, cfg.hf and transformers is not None)
+        c = model.config
+        result["model"] = dict(name=cfg.model, layers=c.num_layers, hidden=c.hidden_size,
+                               heads=c.num_heads, kv_heads=c.num_kv_heads, vocab=c.vocab_size,
+                               dtype=c.dtype)
+        jx = bench_jaxkv(cfg, model, prompts)
+    else:
+        prompts = np.random.RandomState(cfg.seed).randint(3, cfg.vocab, (cfg.batch, cfg.context))
+        prompts = prompts.tolist()
+        with tempfile.TemporaryDirectory() as folder:
+            if transformers is not None:
+                torch_model = build_checkpoint(cfg, folder)
+            else:
+                build_checkpoint_jaxkv(cfg, folder)
+            import jaxkv
+            jx = bench_jaxkv(cfg, jaxkv.load_hf(folder), prompts)
     result["jaxkv"] = dict(_rates(cfg, jx), device=jx["device"],
                            decode_loop_matches_generate=jx["loop_matches_generate"])
     if cfg.hf and transformers is not None:
@@ -244,9 +296,15 @@ def main(cfg: BenchConfig) -> dict:
 
 def print_table(result: dict, file=sys.stdout) -> None:
     c = result["config"]
-    print(f"Llama L={c['layers']} E={c['hidden']} H={c['heads']} K={c['kv_heads']} "
-          f"F={c['intermediate']} V={c['vocab']} | batch {c['batch']}, context {c['context']}, "
-          f"{c['new_tokens']} new tokens, median of {c['repeats']} after a warm-up", file=file)
+    if "model" in result:
+        m = result["model"]
+        shape = (f"{m['name']} L={m['layers']} E={m['hidden']} H={m['heads']} K={m['kv_heads']} "
+                 f"V={m['vocab']} {m['dtype']}")
+    else:
+        shape = (f"Llama L={c['layers']} E={c['hidden']} H={c['heads']} K={c['kv_heads']} "
+                 f"F={c['intermediate']} V={c['vocab']}")
+    print(f"{shape} | batch {c['batch']}, context {c['context']}, {c['new_tokens']} new tokens, "
+          f"median of {c['repeats']} after a warm-up", file=file)
     if "transformers" in result:
         print(f"transformers {result['transformers']['version']}, torch threads "
               f"{result['transformers']['threads']}", file=file)
@@ -264,20 +322,34 @@ def print_table(result: dict, file=sys.stdout) -> None:
               f"same greedy tokens: {result['same_greedy_tokens']}", file=file)
 
 
-def parse_args(argv: Optional[list] = None) -> BenchConfig:
+def parse_args(argv: Optional[list] = None) -> list:
+    """One BenchConfig per --context value (a comma-separated list)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = BenchConfig()
     for f in dataclasses.fields(BenchConfig):
-        if f.name == "hf":
+        if f.name in ("hf", "model", "context"):
             continue
         p.add_argument("--" + f.name.replace("_", "-"), type=int, default=getattr(d, f.name))
+    p.add_argument("--context", default=str(d.context), help="prompt tokens, e.g. 2048,4096")
+    p.add_argument("--model", default=None,
+                   help="registered name, HF folder or .gguf file (default: random weights)")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers")
-    args = p.parse_args(argv)
-    return BenchConfig(**vars(args))
+    p.add_argument("--out", default=None, help="also write the results as a JSON list here")
+    args = vars(p.parse_args(argv))
+    out = args.pop("out")
+    contexts = [int(x) for x in str(args.pop("context")).split(",") if x.strip()]
+    return [BenchConfig(context=c, **args) for c in contexts], out
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    res = main(parse_args())
-    print_table(res)
-    print(json.dumps(res))
+    configs, out_path = parse_args()
+    results = []
+    for config in configs:
+        res = main(config)
+        print_table(res)
+        print(json.dumps(res), flush=True)
+        results.append(res)
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
