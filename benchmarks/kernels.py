@@ -22,7 +22,15 @@ builders at compression --budget:
 Each is attended through `cache.attend` (pallas_kernels.dispatch) traced twice: under
 `kernel_mode_override(mode)` (mode: tpu / gpu on those backends, --mode to force, e.g. interpret)
 and under "reference" (XLA). `kernel_used` says whether the traced function really holds a
-Pallas call (a cache type without a kernel for the backend falls back to its reference). Time:
+Pallas kernel (a cache type without a kernel for the backend, or a shape / dtype its kernel
+refuses, falls back to its reference). On a CUDA GPU every cache type has a Mosaic GPU kernel
+(`pallas_kernels/*_decode_gpu.py`; 16-bit caches with head dim a multiple of 64, so keep --dtype
+bfloat16 or float16): dense and head-split through the dense kernel, sparse through the segment
+kernel plus the dense one over the decode tokens, quantized and mixed through the code-block
+kernel plus the dense one over the whole zone (mixed: one launch per V width), each call's
+partials merged by one XLA combine. Their XLA preprocessing (KIVI's K scales permuted into
+sub-block order, the mixed arena cut into per-width field views) is part of the timed call but
+not of "bytes read", so it lowers GB/s rather than raising the bytes. Time:
 --inner calls chained inside one jit (each query depends on the previous output, so nothing is
 hoisted and dispatch overhead is amortised), median of --repeats after a compiling warm-up,
 divided by --inner. Bytes read: `cache.nbytes()` (every array of the cache: codes, scales,
@@ -153,10 +161,15 @@ def attend_loop(mode: str, scale: float, inner: int):
     return jax.jit(run)
 
 
+# How a Pallas kernel shows in a jaxpr: pallas_call (TPU kernels), core_map, mpmd_map (Mosaic GPU
+# kernels built with `plgpu.kernel`, jax 0.10)
+KERNEL_PRIMITIVES = ("pallas_call", "core_map", "mpmd_map")
+
+
 def uses_kernel(fn, *args) -> bool:
-    """Whether tracing `fn` produced a Pallas call (else the dispatcher fell back to XLA)."""
+    """Whether tracing `fn` produced a Pallas kernel (else the dispatcher fell back to XLA)."""
     text = str(jax.make_jaxpr(fn)(*args))
-    return "pallas_call" in text or "core_map" in text
+    return any(name in text for name in KERNEL_PRIMITIVES)
 
 
 def copy_bandwidth(megabytes: int, repeats: int) -> dict:

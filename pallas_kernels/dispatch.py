@@ -11,6 +11,12 @@ time by `kernel_mode()`:
 `JAXKV_KERNELS=auto|tpu|gpu|interpret|reference` (environment) or `set_kernel_mode(...)` /
 the `kernel_mode_override(...)` context manager override the platform default. A cache type
 without a kernel for the chosen backend falls back to its reference.
+
+Mode "gpu": every decode layout has a Mosaic GPU kernel (`*_decode_gpu` modules); each comes with a
+`*_supported(...) -> Optional[str]` check (16-bit caches, head dim a multiple of 64, at most 64
+query heads per KV head, ...), and a call it refuses runs the reference. "interpret" runs the TPU
+kernels in interpret mode (the GPU kernels' own tests run them in Pallas' Mosaic GPU interpreter,
+with `interpret=True`). Mixed prefill has no GPU kernel: "gpu" runs its reference.
 """
 from __future__ import annotations
 
@@ -86,10 +92,17 @@ def headsplit_decode_attention(q, full_k, full_v, full_lengths, stream_k, stream
                                *, full_heads, stream_heads, sink: int, window: int, scale: float):
     """q: [B, H, D]; full part k, v [B, Kf, S, D] + lengths [B] (None if no full heads);
     streaming part k, v [B, Ks, sink + window, D] + counts [B] (None if no streaming heads)
-    -> [B, H, D]. See pallas_kernels.headsplit_decode."""
+    -> [B, H, D]. See pallas_kernels.headsplit_decode (TPU) and headsplit_decode_gpu."""
     from pallas_kernels import headsplit_decode
     mode = kernel_mode()
-    if mode not in ("tpu", "interpret"):  # TPU kernel only; "gpu" runs the reference
+    if mode == "gpu":
+        from pallas_kernels import headsplit_decode_gpu as gpu
+        heads = dict(full_heads=tuple(full_heads), stream_heads=tuple(stream_heads))
+        if gpu.headsplit_gpu_supported(q, full_k, stream_k, **heads) is None:
+            return gpu.headsplit_decode_attention_gpu(
+                q, full_k, full_v, full_lengths, stream_k, stream_v, stream_counts, **heads,
+                sink=sink, window=window, scale=scale)
+    if mode not in ("tpu", "interpret"):
         return headsplit_decode.headsplit_decode_attention_reference(
             q, full_k, full_v, full_lengths, stream_k, stream_v, stream_counts,
             full_heads=full_heads, stream_heads=stream_heads, sink=sink, window=window,
@@ -103,10 +116,16 @@ def headsplit_decode_attention(q, full_k, full_v, full_lengths, stream_k, stream
 
 def sparse_decode_attention(q, k, v, heads, new_k, new_v, new_lengths, *, scale: float):
     """q: [B, H, D]; ragged prompt part k, v [B, N, D] + heads [B, N]; decode part new_k, new_v
-    [B, K, E, D] + new_lengths [B] -> [B, H, D]. See pallas_kernels.sparse_decode."""
+    [B, K, E, D] + new_lengths [B] -> [B, H, D]. See pallas_kernels.sparse_decode (TPU) and
+    sparse_decode_gpu."""
     from pallas_kernels import sparse_decode
     mode = kernel_mode()
-    if mode not in ("tpu", "interpret"):  # TPU kernel only; "gpu" runs the reference
+    if mode == "gpu":
+        from pallas_kernels import sparse_decode_gpu as gpu
+        if gpu.sparse_gpu_supported(q, k, new_k) is None:
+            return gpu.sparse_decode_attention_gpu(q, k, v, heads, new_k, new_v, new_lengths,
+                                                   scale=scale)
+    if mode not in ("tpu", "interpret"):
         return sparse_decode.sparse_decode_attention_reference(q, k, v, heads, new_k, new_v,
                                                                new_lengths, scale)
     from jax.experimental.pallas import tpu as pltpu
@@ -119,9 +138,15 @@ def mixed_decode_attention(q, arena, counts, k_channels, k_counts, k_scale, k_ze
                            whole_v, whole_lengths, *, scale: float, k_row_bytes: int):
     """q: [B, H, D]; RDKV's mixed-precision layer (byte arena of token records grouped by V bit
     width, per-channel K scales in rank order, a whole zone in the cache dtype) -> [B, H, D].
-    Kernel: pallas_kernels.mixed_decode (TPU; "gpu" runs the reference); see there."""
+    Kernels: pallas_kernels.mixed_decode (TPU) and mixed_decode_gpu; see there."""
     from pallas_kernels import mixed_decode
     mode = kernel_mode()
+    if mode == "gpu":
+        from pallas_kernels import mixed_decode_gpu as gpu
+        if gpu.mixed_gpu_supported(q, whole_k, whole_v, k_row_bytes) is None:
+            return gpu.mixed_decode_attention_gpu(
+                q, arena, counts, k_channels, k_counts, k_scale, k_zero, whole_k, whole_v,
+                whole_lengths, scale=scale, k_row_bytes=k_row_bytes)
     if mode not in ("tpu", "interpret"):
         return mixed_decode.mixed_decode_attention_reference(
             q, arena, counts, k_channels, k_counts, k_scale, k_zero, whole_k, whole_v,
@@ -137,11 +162,19 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
                                whole_k, whole_v, whole_lengths, *, scale: float, k_bits: int,
                                v_bits: int, k_group_tokens: int):
     """q: [B, H, D]; a uniformly quantised layer (KIVI, int8, SnapKV + KIVI) plus a whole zone
-    -> [B, H, D]. Kernel: pallas_kernels.quantized_decode (TPU; "gpu" runs the reference), with
-    a block size that holds whole K scale groups (`default_block_size`)."""
+    -> [B, H, D]. Kernels: pallas_kernels.quantized_decode (TPU, with a block size that holds
+    whole K scale groups: `default_block_size`) and quantized_decode_gpu."""
     from pallas_kernels import quantized_decode
     settings = dict(scale=scale, k_bits=k_bits, v_bits=v_bits, k_group_tokens=k_group_tokens)
     mode = kernel_mode()
+    if mode == "gpu":
+        from pallas_kernels import quantized_decode_gpu as gpu
+        if gpu.quantized_gpu_supported(q, k_codes, k_scale, v_codes, v_scale, whole_k,
+                                       k_bits=k_bits, v_bits=v_bits,
+                                       k_group_tokens=k_group_tokens) is None:
+            return gpu.quantized_decode_attention_gpu(
+                q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, q_lengths, whole_k,
+                whole_v, whole_lengths, **settings)
     if mode not in ("tpu", "interpret"):
         return quantized_decode.quantized_decode_attention_reference(
             q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, q_lengths, whole_k, whole_v,

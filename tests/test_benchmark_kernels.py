@@ -65,3 +65,18 @@ def test_smoke_kernel_mode_interpret(bench, tmp_path):
     (row,) = _load(out)["rows"]
     assert row["mode"] == "interpret" and row["kernel_used"] is True
     assert row["kernel_ms"] > 0 and row["kernel_GBps"] > 0 and row["speedup"] > 0
+
+
+def test_gpu_mode_traces_a_kernel_for_every_cache_type(bench):
+    """Under --mode gpu every cache type's attend holds a Mosaic GPU kernel (traced on CPU, not
+    run: the GPU kernels compile only for CUDA), so on a GPU `kernel_used` is True for each row
+    of a bfloat16 run; a float32 cache falls back to the reference (16-bit caches only)."""
+    import jax
+    import jax.numpy as jnp
+    args = bench.parse_args(["--smoke"])
+    fn = bench.attend_loop("gpu", 0.125, 1)
+    runs = [("bfloat16", kind, True) for kind in bench.CACHE_TYPES] + [("float32", "dense", False)]
+    for dtype, kind, expected in runs:
+        shape = bench.Shape(1, 4, 2, 64, dtype)
+        cache = bench.build_cache(kind, jax.random.PRNGKey(0), shape, 256, args)
+        assert bench.uses_kernel(fn, jnp.zeros((1, 4, 64), dtype), cache) is expected, kind

@@ -5,14 +5,17 @@ The interpreter simulates shared memory, TMA copies, barriers and the emit_pipel
 and fills memory the kernel never writes with NaN (`uninitialized_memory="nan"`), so a partial
 output or log-sum-exp that a CTA forgets to store poisons the combined result and fails the
 comparison. In interpret mode the two WGMMAs are plain dots (jax 0.10.2's interpreter cannot run
-a WGMMA with a transposed operand or an operand in registers; see
-`dense_decode_gpu._interpret_products`); everything else is the code the GPU runs.
+a WGMMA with a transposed operand or an operand in registers; see `gpu_common`'s docstring);
+everything else is the code the GPU runs. `test_gpu_kernel_lowers_for_cuda` lowers the compiled
+path for CUDA on the CPU.
 
 Every run draws fresh inputs (seed printed on failure). Cases are a small covering set: group
 sizes 1, 4, 7, 8; head dims 64 and 128 with both bfloat16 and float16 (the kernel's WGMMA dtypes;
 float32 is refused, see test_float32_refused); lengths 0, odd, and the full cache; cache lengths
-that are not multiples of the block (the clamped, overlapping last block); a cache shorter than a
-block; one split, several, and the default split count.
+that are not multiples of the block (the clamped, overlapping last block); slot counts that are
+multiples of 8 (TMA straight into the swizzled buffers: S = 200, 40 padded to 64) and that are
+not (plain buffers copied through registers: 130, 257); a cache shorter than a block; one split,
+several, and the default split count.
 """
 from __future__ import annotations
 
@@ -104,3 +107,19 @@ def test_default_num_splits():
     assert default_num_splits(1, 8, 1024) == 33
     assert default_num_splits(1, 8, 4) == 4
     assert default_num_splits(64, 8, 1024) == 1
+
+
+def test_gpu_kernel_lowers_for_cuda():
+    """The kernel lowers to a Mosaic GPU custom call on a CPU-only jaxlib (cross-platform
+    lowering: TMA copies, register layouts and WGMMA shapes pass Mosaic GPU's lowering rules;
+    PTX generation and the GPU run are not exercised), for a slot count that is a multiple of 8
+    (TMA straight into the swizzled operand buffers) and one that is not (plain buffers copied
+    through registers: a tiled TMA needs the slot axis and offsets in multiples of 8)."""
+    import functools
+    s = jax.ShapeDtypeStruct
+    for slots in (4096, 4097):
+        args = (s((2, 32, 128), jnp.bfloat16), s((2, 8, slots, 128), jnp.bfloat16),
+                s((2, 8, slots, 128), jnp.bfloat16), s((2,), jnp.int32))
+        fn = functools.partial(dense_decode_attention_gpu, scale=0.1)
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
