@@ -4,6 +4,9 @@ Registry names: reasoning family ``running_sum``, ``var_chain``; retrieval famil
 ``niah_single``, ``niah_multikey``, ``niah_multivalue``, ``variable_tracking``, ``passkey``,
 and ``induction_copy`` (dense induction supervision for a curriculum's first stage).
 
+Real-text RULER-style tasks for pretrained models (any tokenizer, any length) are in
+:mod:`jaxkv.tasks.text`: :data:`TEXT_TASKS`, :func:`make_text_examples`, :func:`score_text`.
+
 >>> task = make_task("running_sum", n_digits=8)
 >>> ex = sample_examples(task, 1, seed=0)[0]
 >>> task.verify(ex, ex.target)
@@ -26,6 +29,14 @@ from jaxkv.tasks.retrieval import (
     NiahSingle,
     Passkey,
     VariableTracking,
+)
+from jaxkv.tasks.text import (
+    TEXT_TASKS,
+    TextExample,
+    TextTask,
+    make_text_examples,
+    score_text,
+    text_task,
 )
 from jaxkv.tasks.vocab import (
     BOS_ID,
@@ -91,4 +102,5 @@ __all__ = [
     "VariableTracking", "Passkey", "InductionCopy",
     "build_tokenizer", "save_tokenizer", "encode", "decode", "extract_answer",
     "make_task", "sample_examples", "make_training_batch", "pad_prompts",
+    "TEXT_TASKS", "TextExample", "TextTask", "make_text_examples", "score_text", "text_task",
 ]
