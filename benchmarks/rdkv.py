@@ -112,7 +112,7 @@ def main(argv=None):
               f"{mb(peak):>9} {ratio:>10.3f} {r['dense_decode_ms']:>9.3f} "
               f"{r['rdkv_decode_ms']:>8.3f} {r['speedup']:>7.2f}")
     if depth and depth[0]["dense"]:
-        print(f"peak MiB of the compiled prefill by depth (dense / RDKV at each budget):")
+        print("peak MiB of the compiled prefill by depth (dense / RDKV at each budget):")
         print(f"{'layers':>6} {'dense':>8} " + " ".join(f"{'rdkv ' + str(b):>11}"
                                                       for b in args.budgets))
         for row in depth:

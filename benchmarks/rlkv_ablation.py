@@ -16,21 +16,25 @@ import os
 
 import numpy as np
 
-from jaxkv.eval import _max_new_tokens, _run_batches, _batches
+from jaxkv.eval.prompts import batches, prompt_set
+from jaxkv.generate import generate_shared
 from jaxkv.policies.rlkv import RLKV, load_gates, select_heads
-from jaxkv.tasks import make_task, sample_examples
 
 
-def accuracy(model, task, examples, policy, batch_size, mnt):
-    correct, *_ = _run_batches(model, task, examples, policy, _batches(examples, batch_size),
-                               batch_size, mnt, None)
-    return float(np.mean(correct))
+def accuracies(model, pset, policies, batch_size):
+    """Mean score of each policy on the prompt set, one shared prefill per batch."""
+    scores = [[] for _ in policies]
+    for idx in batches(pset.prompts, batch_size):
+        gens = generate_shared(model, [pset.prompts[i] for i in idx], pset.max_new_tokens,
+                               policies, eos_ids=pset.eos_ids)
+        for out, gen in zip(scores, gens):
+            out += [pset.score(i, t)[0] for i, t in zip(idx, gen.tokens)]
+    return [float(np.mean(s)) for s in scores]
 
 
 def main(argv=None):
     from configs.tiny_run3 import BENCHMARK_TASKS
     from jaxkv.embedded import load_embedded
-    from jaxkv.eval import EvalConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gates", required=True)
@@ -49,27 +53,23 @@ def main(argv=None):
     kept = {(l, h) for l in range(layers) for h in full_heads[l]}
     settings = {t.name: dict(t.settings) for t in BENCHMARK_TASKS
                 if t.name in ("running_sum", "var_chain")}
-    cfg = EvalConfig(methods=("full",), budgets=(), tasks=tuple(settings), task_settings=settings)
-    tasks = {}
-    for name, s in settings.items():
-        task = make_task(name, **s)
-        ex = sample_examples(task, args.n, seed=1)
-        tasks[name] = (task, ex, _max_new_tokens(task, ex, cfg))
-    base = {name: accuracy(model, t, ex, None, args.batch_size, mnt)
-            for name, (t, ex, mnt) in tasks.items()}
+    heads = [(layer, head) for layer in range(layers) for head in range(kv)]
+    policies = [None]
+    for layer, head in heads:
+        g = np.ones((layers, kv))
+        g[layer, head] = 0.0
+        policies.append(RLKV(g, sparsity=1.0 / (layers * kv), sink=args.sink, window=args.window))
+    acc = {name: accuracies(model, prompt_set(model, name, None, args.n, 1, s, False, None),
+                            policies, args.batch_size) for name, s in settings.items()}
+    base = {name: a[0] for name, a in acc.items()}
     rows = []
-    for layer in range(layers):
-        for head in range(kv):
-            g = np.ones((layers, kv))
-            g[layer, head] = 0.0
-            policy = RLKV(g, sparsity=1.0 / (layers * kv), sink=args.sink, window=args.window)
-            acc = {name: accuracy(model, t, ex, policy, args.batch_size, mnt)
-                   for name, (t, ex, mnt) in tasks.items()}
-            drop = float(np.mean([base[n] - acc[n] for n in tasks]))
-            rows.append(dict(layer=layer, head=head, gate=float(gates[layer, head]),
-                             kept=(layer, head) in kept, accuracy=acc, drop=drop))
-            print(f"layer {layer} head {head} gate {gates[layer, head]:.3f} "
-                  f"{'kept   ' if (layer, head) in kept else 'dropped'} drop {drop:+.3f}", flush=True)
+    for j, (layer, head) in enumerate(heads, start=1):
+        head_acc = {name: a[j] for name, a in acc.items()}
+        drop = float(np.mean([base[n] - head_acc[n] for n in settings]))
+        rows.append(dict(layer=layer, head=head, gate=float(gates[layer, head]),
+                         kept=(layer, head) in kept, accuracy=head_acc, drop=drop))
+        print(f"layer {layer} head {head} gate {gates[layer, head]:.3f} "
+              f"{'kept   ' if (layer, head) in kept else 'dropped'} drop {drop:+.3f}", flush=True)
     mean_kept = float(np.mean([r["drop"] for r in rows if r["kept"]]))
     mean_dropped = float(np.mean([r["drop"] for r in rows if not r["kept"]]))
     out = dict(gates=args.gates, sparsity=args.sparsity, sink=args.sink, window=args.window,

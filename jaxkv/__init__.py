@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 _LAZY = {"load_hf": "jaxkv.hf", "save_hf": "jaxkv.hf", "load_gguf": "jaxkv.gguf",
          "load": "jaxkv.models", "available_models": "jaxkv.models",
+         "load_tokenizer": "jaxkv.models",
          "Tokenizer": "jaxkv.tokenizer", "make_policy": "jaxkv.policies.registry",
          "available_methods": "jaxkv.policies.registry"}
 _SUBMODULES = ("policies", "cache", "eval", "tasks", "models", "gguf", "hf", "tokenizer",
@@ -24,5 +25,5 @@ def __getattr__(name):  # lazy: keep `import jaxkv` light
 
 
 __all__ = ["Model", "ModelConfig", "forward", "init_model", "generate", "load", "load_hf",
-           "save_hf", "load_gguf", "available_models", "Tokenizer", "make_policy",
+           "save_hf", "load_gguf", "load_tokenizer", "available_models", "Tokenizer", "make_policy",
            "available_methods"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,7 @@ import numpy as np
 from jaxkv.cache.base import cache_nbytes
 from jaxkv.cache.dense import DenseCache
 from jaxkv.model.config import ModelConfig
-from jaxkv.model.decoder import Decoder
+from jaxkv.model.decoder import Decoder, depend_on
 from jaxkv.model.model import Model
 
 PROMPT_BUCKET = 64
@@ -64,6 +64,17 @@ def prefill_and_decode(params, tokens, lengths, rng, temperature, top_p, *, conf
                                   query_positions, method=Decoder.prefill)
     rng, sub = jax.random.split(rng)
     first = _sample(logits, sub, temperature, top_p, greedy)
+    return decode_loop(params, first, lengths, caches, rng, temperature, top_p, config=config,
+                       max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids)
+
+
+def decode_loop(params, first, lengths, caches, rng, temperature, top_p, *, config: ModelConfig,
+                max_new_tokens: int, greedy: bool, eos_ids: tuple):
+    """Traceable decode from the first sampled token `first` [B] over `caches` (the prompts' per
+    layer caches) -> (new tokens [B, N] with `first` at 0, final caches). Stops early when every
+    sequence has written an EOS id; tokens after a sequence's EOS are the pad id."""
+    module = Decoder(config)
+    b = first.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     out = jnp.full((b, max_new_tokens), config.pad_token_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos)
@@ -228,19 +239,173 @@ def generate(model: Model, prompts, max_new_tokens: int, policy: Any = None,
     out, caches = fn(model.params, policy_leaves, tokens_in, lengths_in,
                      jax.random.PRNGKey(seed), jnp.float32(max(temperature, 1e-6)),
                      jnp.float32(top_p))
-    out = np.asarray(out)
+    return _generation(model, np.asarray(out), caches, tokens.shape[1] + max_new_tokens,
+                       token_lists, eos, check_finite=policy is not None)
+
+
+def _generation(model: Model, out: np.ndarray, caches, capacity: int, token_lists, eos,
+                check_finite: bool) -> Generation:
+    """Cut each row after its first EOS, decode, and count the bytes of the caches."""
+    cfg = model.config
     new_tokens = []
     for row in out:
         row = row.tolist()
         cut = next((j + 1 for j, x in enumerate(row) if x in eos), len(row))
         new_tokens.append(row[:cut])
     texts = [model.decode(t) for t in new_tokens] if model.tokenizer is not None else None
-    capacity = tokens.shape[1] + max_new_tokens
     full = cfg.kv_bytes_per_token() * len(token_lists) * capacity + 4 * cfg.num_layers * len(
         token_lists)  # + int32 lengths per layer, as DenseCache holds
     kept = cache_nbytes(caches)  # shapes are fixed through decoding: read off the final arrays
-    if policy is not None:
+    if check_finite:
         check_finite_caches(caches)
-    del caches
     return Generation(tokens=new_tokens, texts=texts, cache_bytes=kept, full_cache_bytes=full,
                       prompt_lengths=[len(p) for p in token_lists])
+
+
+# ---- one prefill, many policies ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _ObserveAll:
+    """A pseudo-policy for the shared prefill: asks for the union of the observation positions of
+    `policies` and keeps each layer's dense prompt cache with its observation uncompressed."""
+
+    policies: tuple
+
+    def observation_positions(self, lengths, t: int):
+        parts = [p.observation_positions(lengths, t) for p in self.policies if p is not None]
+        if not parts:
+            return jnp.zeros((lengths.shape[0], 0), jnp.int32)
+        return jnp.concatenate([x.astype(jnp.int32) for x in parts], axis=1)  # [B, sum Q]
+
+    def compress_layer(self, layer, cache, obs):
+        return cache, obs
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_shared_prefill(config, observe: _ObserveAll, max_new_tokens: int, kernel_mode):
+    def fn(params, tokens, lengths):
+        b, t = tokens.shape
+        qpos = observe.observation_positions(lengths, t)
+        logits, states = Decoder(config).apply(
+            {"params": params}, tokens, lengths, t + max_new_tokens, observe, qpos,
+            method=Decoder.prefill)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), states
+    return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=128)
+def _compiled_compress_all(policy, offset: int, width: int, max_new_tokens: int, kernel_mode):
+    """Every layer's compression in one program (layers chained one after the other, as in
+    prefill: see `depend_on`; XLA's CPU runtime also deadlocked running GRKV's layers side by
+    side in one program, jax 0.10.2)."""
+    def fn(lengths, states):
+        caches = []
+        for i, (dense, obs) in enumerate(states):
+            if caches:
+                dense = dense.replace(k=depend_on(dense.k, caches[-1]))
+            caches.append(_compress(policy, i, dense, obs, lengths, offset, width, max_new_tokens))
+        return tuple(caches)
+    return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=128)
+def _compiled_compress_one(policy, offset: int, width: int, max_new_tokens: int, kernel_mode):
+    """One layer's compression for a `layer_invariant` policy: compiled once, run per layer."""
+    return jax.jit(lambda lengths, dense, obs: _compress(policy, 0, dense, obs, lengths, offset,
+                                                        width, max_new_tokens))
+
+
+def _compress(policy, layer, dense, obs, lengths, offset, width, max_new_tokens):
+    if policy is None:
+        t = dense.k.shape[2]
+        return DenseCache.from_prefill(dense.k, dense.v, lengths, t + max_new_tokens)
+    obs = obs.replace(queries=obs.queries[:, :, offset:offset + width],
+                      query_positions=obs.query_positions[:, offset:offset + width])
+    return policy.compress_layer(layer, dense, obs)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_greedy_decode(config, max_new_tokens: int, eos_ids: tuple, kernel_mode):
+    """The greedy decode loop over any caches: jit compiles it once per cache structure and
+    shapes, so methods producing the same layout (the SnapKV family at one budget) share it."""
+    def fn(params, first, lengths, caches):
+        return decode_loop(params, first, lengths, caches, jax.random.PRNGKey(0),
+                           jnp.float32(1.0), jnp.float32(1.0), config=config,
+                           max_new_tokens=max_new_tokens, greedy=True, eos_ids=eos_ids)
+    return jax.jit(fn)
+
+
+def compress_shared(policy, states, lengths, offset: int, width: int, max_new_tokens: int,
+                    mode: str):
+    """The per-layer caches `policy` keeps of a shared prefill's `states`."""
+    if policy is None or getattr(policy, "layer_invariant", False):
+        fn = _compiled_compress_one(policy, offset, width, max_new_tokens, mode)
+        caches = []
+        for dense, obs in states:
+            # one layer at a time (see _compiled_compress_all); layer index 0 for every layer
+            caches.append(jax.block_until_ready(fn(lengths, dense, obs.replace(layer=0))))
+        return tuple(caches)
+    return _compiled_compress_all(policy, offset, width, max_new_tokens, mode)(lengths, states)
+
+
+def generate_shared(model: Model, prompts, max_new_tokens: int, policies: Sequence[Any],
+                    eos_ids: Optional[Sequence[int]] = None,
+                    pad_to: Optional[int] = None) -> List[Generation]:
+    """Greedy generation of the same prompts under each of `policies` (None: the dense cache)
+    with ONE prefill: the prompts are prefilled once, keeping every layer's dense cache and the
+    post-RoPE queries every policy observes; then each policy compresses those caches and decodes.
+
+    Gives the tokens `generate(model, prompts, max_new_tokens, policy=p)` gives for each p (every
+    policy's prefill is the plain dense one: compression happens after each layer's attention and
+    changes nothing upstream), at one prefill's cost instead of len(policies). Holds the dense
+    cache of all layers at once (the evaluation harness's trade; `generate` never does).
+    pad_to: pad the prompts to this many tokens (default: the next multiple of 64), so batches of
+    slightly different lengths share one compiled program.
+    """
+    from pallas_kernels.dispatch import kernel_mode
+
+    cfg = model.config
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+    policies = list(policies)
+    if not policies:
+        raise ValueError("policies: give at least one policy (None for the dense cache)")
+    for i, p in enumerate(policies):
+        static, leaves = split_policy(p)
+        if leaves:
+            raise ValueError(f"policies[{i}]: a pytree policy ({type(p).__name__}) is traced by "
+                             f"`generate`; give it to `generate` itself")
+    token_lists = _as_token_lists(model, prompts)
+    for i, ids in enumerate(token_lists):
+        if len(ids) + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"prompts[{i}] has {len(ids)} tokens; with max_new_tokens="
+                             f"{max_new_tokens} that exceeds the model's context of "
+                             f"{cfg.max_position_embeddings}")
+        if min(ids) < 0 or max(ids) >= cfg.vocab_size:
+            raise ValueError(f"prompts[{i}]: token ids must lie in [0, {cfg.vocab_size})")
+    if cfg.sliding_window is not None and any(p is not None for p in policies):
+        raise ValueError("generate_shared: compressed caches do not implement a sliding window; "
+                         "use generate for sliding-window models")
+    longest = max(len(p) for p in token_lists)
+    if pad_to is not None and (not isinstance(pad_to, int) or pad_to < longest):
+        raise ValueError(f"pad_to={pad_to!r}: must be an integer >= the longest prompt ({longest})")
+    tokens, lengths = pad_batch(token_lists, cfg.pad_token_id,
+                                bucket=pad_to if pad_to is not None else PROMPT_BUCKET)
+    eos = tuple(int(e) for e in (eos_ids if eos_ids is not None else cfg.eos_ids))
+    mode = kernel_mode()
+    observe = _ObserveAll(tuple(policies))
+    tokens_in, lengths_in = jnp.asarray(tokens), jnp.asarray(lengths)
+    first, states = _compiled_shared_prefill(cfg, observe, max_new_tokens, mode)(
+        model.params, tokens_in, lengths_in)
+    widths = [0 if p is None else int(p.observation_positions(lengths_in, tokens.shape[1]).shape[1])
+              for p in policies]
+    offsets = np.cumsum([0] + widths[:-1]).tolist()
+    out = []
+    decode = _compiled_greedy_decode(cfg, max_new_tokens, eos, mode)
+    for p, offset, width in zip(policies, offsets, widths):
+        caches = compress_shared(p, states, lengths_in, offset, width, max_new_tokens, mode)
+        toks, caches = decode(model.params, first, lengths_in, caches)
+        out.append(_generation(model, np.asarray(toks), caches, tokens.shape[1] + max_new_tokens,
+                               token_lists, eos, check_finite=p is not None))
+        del caches
+    return out

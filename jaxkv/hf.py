@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Dict, Optional
+from typing import Dict
 
 import jax
 import jax.numpy as jnp

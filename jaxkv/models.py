@@ -124,6 +124,24 @@ def load(name_or_path, dtype=None):
     return model
 
 
+def load_tokenizer(name_or_path):
+    """Only the tokenizer of a registered name, a folder or a .gguf file (no weights read)."""
+    from jaxkv.gguf import GGUFFile
+    from jaxkv.tokenizer import Tokenizer
+    _, path = resolve(name_or_path)
+    if os.path.isdir(path):
+        tok = Tokenizer.from_folder(path)
+    elif _is_gguf(path):
+        f = GGUFFile(path)
+        tok = (Tokenizer.from_gguf_metadata(f.metadata, name=os.path.basename(path))
+               if "tokenizer.ggml.model" in f.metadata else None)
+    else:
+        raise ValueError(f"{path}: neither a checkpoint folder nor a GGUF file")
+    if tok is None:
+        raise ValueError(f"{path}: the checkpoint has no tokenizer")
+    return tok
+
+
 def _is_gguf(path: str) -> bool:
     if path.lower().endswith(".gguf"):
         return True
@@ -131,5 +149,5 @@ def _is_gguf(path: str) -> bool:
         return f.read(4) == b"GGUF"
 
 
-__all__ = ["load", "resolve", "register_model", "available_models", "smollm2_path",
+__all__ = ["load", "load_tokenizer", "resolve", "register_model", "available_models", "smollm2_path",
            "DEFAULT_MODEL", "SMOLLM2_INSTALL"]

@@ -1,5 +1,5 @@
-"""`python -m train calibrate`: the RDKV eps table of a model, written beside it and picked up by
-make_policy("rdkv", ...)."""
+"""`python -m train calibrate`: the RDKV eps table of a model, stored per model fingerprint in the
+user cache folder (the tests point it at a temporary one) and picked up by make_policy("rdkv")."""
 import dataclasses
 import json
 
@@ -21,11 +21,17 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def test_cli_writes_the_table_beside_the_model_and_rdkv_uses_it(model_dir):
+def test_cli_writes_the_table_to_the_user_cache_and_rdkv_uses_it(model_dir):
     from train.__main__ import main
     assert main(["calibrate", "--model", model_dir, "--n", "1"]) == 0
+    import os
+
+    from jaxkv.paths import user_cache_dir
+    from jaxkv.policies.rdkv import eps_cache_path
     model = load_hf(model_dir)
-    eps = load_calibration(f"{model_dir}/{EPS_FILE}", model)
+    path = eps_cache_path(model)
+    assert path.startswith(user_cache_dir()) and not os.path.exists(f"{model_dir}/{EPS_FILE}")
+    eps = load_calibration(path, model)
     for name in ("k", "v"):
         e = [eps[name][b] for b in (2, 4, 8)]
         assert 1.0 > e[0] > e[1] > e[2] > 0.0  # coarser codes, more distortion

@@ -34,7 +34,7 @@ def checkpoint(model, tmp_path):
 def test_empty_prompt(model):
     with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
         jaxkv.generate(model, [[1, 2], []], max_new_tokens=4)
-    with pytest.raises(ValueError, match=r"prompts: give a non-empty list"):
+    with pytest.raises(ValueError, match=r"prompts: give a string, .* or a non-empty list"):
         jaxkv.generate(model, [], max_new_tokens=4)
     with pytest.raises(ValueError, match=r"tokens: empty sequence"):
         jaxkv.forward(model, np.zeros((1, 0), np.int32))
@@ -150,5 +150,5 @@ def test_missing_folder(tmp_path):
 
 
 def test_bad_dtype(checkpoint):
-    with pytest.raises(ValueError, match=r"dtype='int8': allowed are float32, bfloat16, float16"):
+    with pytest.raises(ValueError, match=r"dtype='int8' is not allowed; expected one of float32, bfloat16, float16"):
         jaxkv.load_hf(checkpoint, dtype="int8")

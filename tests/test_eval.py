@@ -1,4 +1,5 @@
 """The evaluation harness (`jaxkv.eval`) and the method registry (`jaxkv.policies.registry`)."""
+import dataclasses
 import importlib
 import json
 import math
@@ -62,15 +63,16 @@ def _generate_module():
 
 
 def _count_generate(monkeypatch):
+    """Count the harness's shared prefills and the policies each one served."""
     gen_mod = _generate_module()
     calls = []
-    real = gen_mod.generate
+    real = gen_mod.generate_shared
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def counting(model, prompts, max_new_tokens, policies, **kwargs):
+        calls.append(len(policies))
+        return real(model, prompts, max_new_tokens, policies, **kwargs)
 
-    monkeypatch.setattr(gen_mod, "generate", counting)
+    monkeypatch.setattr(gen_mod, "generate_shared", counting)
     return calls
 
 
@@ -79,11 +81,12 @@ def test_evaluate_records_files_and_resume(model, oracle, tmp_path, monkeypatch,
     config = _config(tmp_path)
     records = ev.evaluate(model, config, progress=False)
 
-    # full once per task (budget 1.0) + oracle at one budget, per task; 4 examples = 2 batches
+    # full once per task (budget 1.0) + oracle at one budget, per task; 4 examples = 2 batches,
+    # each prefilled once for both methods
     assert [(r["task"], r["method"], r["budget"]) for r in records] == [
         ("running_sum", "full", 1.0), ("running_sum", "oracle", 0.5),
         ("niah_single", "full", 1.0), ("niah_single", "oracle", 0.5)]
-    assert len(calls) == 4 * 2
+    assert calls == [2] * 4
     for r in records:
         assert REQUIRED_KEYS <= set(r)
         assert r["n"] == 4 and len(r["correct"]) == 4 and set(r["correct"]) <= {0, 1}
@@ -93,6 +96,8 @@ def test_evaluate_records_files_and_resume(model, oracle, tmp_path, monkeypatch,
         assert r["measured_budget"] == r["cache_bytes"] / r["full_cache_bytes"]
         # the oracle keeps the full cache too, so both measure exactly 1.0
         assert r["measured_budget"] == 1.0
+        assert r["model"]["fingerprint"] == model.fingerprint and r["dtype"] == "float32"
+        assert r["length"] is None and r["chat"] is False and r["batch_size"] == 2
     assert records[0]["family"] == "reasoning" and records[2]["family"] == "retrieval"
     # max_new_tokens derived from the task: running_sum 4 digits -> 5*4 + 5; niah -> A : 4 v <eos>
     assert records[0]["max_new_tokens"] == 25 and records[2]["max_new_tokens"] == 7
@@ -104,6 +109,7 @@ def test_evaluate_records_files_and_resume(model, oracle, tmp_path, monkeypatch,
         saved = json.load(f)
     assert [ev.record_key(r) for r in saved] == [ev.record_key(r) for r in records]
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert not os.path.exists(tmp_path / ev.PARTIAL_FILE)
 
     # Same config again: everything is reused, nothing generated, and it says so.
     calls.clear()
@@ -114,7 +120,7 @@ def test_evaluate_records_files_and_resume(model, oracle, tmp_path, monkeypatch,
 
     # A new budget: only the oracle at 0.25 runs (2 tasks x 2 batches); the rest is reused.
     more = ev.evaluate(model, _config(tmp_path, budgets=(0.5, 0.25)), progress=False)
-    assert len(calls) == 2 * 2
+    assert calls == [1] * 4
     assert [(r["task"], r["method"], r["budget"]) for r in more] == [
         ("running_sum", "full", 1.0), ("running_sum", "oracle", 0.5),
         ("running_sum", "oracle", 0.25), ("niah_single", "full", 1.0),
@@ -122,14 +128,52 @@ def test_evaluate_records_files_and_resume(model, oracle, tmp_path, monkeypatch,
     with open(tmp_path / "results.json") as f:
         assert len(json.load(f)) == 6
 
-    # Different method settings are a different record: recomputed, not reused.
+    # Different method settings, max_new_tokens or model are different records: recomputed.
+    for changes, n_calls in (({"method_settings": {"oracle": {"window": 9}}}, 4),
+                             ({"max_new_tokens": 30}, 4)):
+        calls.clear()
+        ev.evaluate(model, _config(tmp_path, **changes), progress=False)
+        assert len(calls) == n_calls, changes
+    other = Model(config=model.config, params=jax.tree_util.tree_map(lambda x: x * 1.01,
+                                                                     model.params))
     calls.clear()
-    ev.evaluate(model, _config(tmp_path, method_settings={"oracle": {"window": 9}}),
-                progress=False)
-    assert len(calls) == 2 * 2
+    ev.evaluate(other, config, progress=False)
+    assert len(calls) == 4
 
     table = ev.format_table(more)
     assert "running_sum" in table and "avg:reasoning" in table and "avg:retrieval" in table
+
+
+def test_interrupted_run_resumes_from_its_last_batch(model, oracle, tmp_path, monkeypatch):
+    """A run stopped after its first batch keeps that batch (partial.json) and computes only the
+    rest on the next run, giving the records an uninterrupted run gives."""
+    gen_mod = _generate_module()
+    real = gen_mod.generate_shared
+    config = ev.EvalConfig(methods=("full", "oracle"), budgets=(0.5,), tasks=("niah_single",),
+                           n_samples=4, batch_size=2, seed=3,
+                           task_settings={"niah_single": TASK_SETTINGS["niah_single"]},
+                           out_dir=str(tmp_path / "a"))
+    calls = []
+
+    def stop_after_one(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen_mod, "generate_shared", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(model, config, progress=False)
+    with open(tmp_path / "a" / ev.PARTIAL_FILE) as f:
+        assert all(list(done) == ["0"] for done in json.load(f).values())
+    monkeypatch.setattr(gen_mod, "generate_shared", real)
+    counted = _count_generate(monkeypatch)
+    resumed = ev.evaluate(model, config, progress=False)
+    assert counted == [2]  # only the second batch
+    fresh = ev.evaluate(model, dataclasses.replace(config, out_dir=str(tmp_path / "b")),
+                        progress=False)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+    assert strip(resumed) == strip(fresh)
 
 
 def test_evaluate_verifies_paired_examples(model, tmp_path, monkeypatch):
@@ -140,13 +184,13 @@ def test_evaluate_verifies_paired_examples(model, tmp_path, monkeypatch):
                 for ex in tasks.sample_examples(tasks.make_task(name, **settings), 4, 3)}
     gen_mod = _generate_module()
 
-    def perfect(model, prompts, max_new_tokens, policy=None, eos_ids=None, **kw):
+    def perfect(model, prompts, max_new_tokens, policies, **kw):
         toks = [examples[tuple(p)].target_ids + [tasks.encode("A")[0]] for p in prompts]
-        return Generation(tokens=toks, texts=None, cache_bytes=10 * len(prompts),
-                          full_cache_bytes=40 * len(prompts),
-                          prompt_lengths=[len(p) for p in prompts])
+        return [Generation(tokens=toks, texts=None, cache_bytes=10 * len(prompts),
+                           full_cache_bytes=40 * len(prompts),
+                           prompt_lengths=[len(p) for p in prompts]) for _ in policies]
 
-    monkeypatch.setattr(gen_mod, "generate", perfect)
+    monkeypatch.setattr(gen_mod, "generate_shared", perfect)
     config = ev.EvalConfig(methods=("full",), budgets=(), tasks=tuple(TASK_SETTINGS),
                            n_samples=4, batch_size=3, seed=3, task_settings=TASK_SETTINGS)
     for r in ev.evaluate(model, config, progress=False):
@@ -155,11 +199,12 @@ def test_evaluate_verifies_paired_examples(model, tmp_path, monkeypatch):
         assert r["cache_bytes"] == 40 and r["full_cache_bytes"] == 160
         assert r["measured_budget"] == 0.25
 
-    def silent(model, prompts, max_new_tokens, **kw):
-        return Generation(tokens=[[tasks.EOS_ID]] * len(prompts), texts=None, cache_bytes=1,
-                          full_cache_bytes=1, prompt_lengths=[len(p) for p in prompts])
+    def silent(model, prompts, max_new_tokens, policies, **kw):
+        return [Generation(tokens=[[tasks.EOS_ID]] * len(prompts), texts=None, cache_bytes=1,
+                           full_cache_bytes=1, prompt_lengths=[len(p) for p in prompts])
+                for _ in policies]
 
-    monkeypatch.setattr(gen_mod, "generate", silent)
+    monkeypatch.setattr(gen_mod, "generate_shared", silent)
     for r in ev.evaluate(model, config, progress=False):
         assert r["accuracy"] == 0.0 and r["ci_low"] == 0.0
 
@@ -239,6 +284,9 @@ def test_registry(model, oracle):
     ({"budgets": (1.5,)}, "budgets\\[0\\]"),
     ({"budgets": (math.nan,)}, "budgets\\[0\\]"),
     ({"tasks": ("no_such_task",)}, "no_such_task"),
+    ({"lengths": (32,)}, "lengths\\[0\\]"),
+    ({"lengths": (512, 512)}, "duplicates"),
+    ({"chat": "yes"}, "chat="),
     ({"n_samples": 0}, "n_samples"),
     ({"batch_size": -1}, "batch_size"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
@@ -260,9 +308,22 @@ def test_config_normalises():
     assert np.isclose(c.budgets[1], 0.5)
 
 
-def test_config_model_names_an_embedded_model_or_a_folder(tmp_path):
+def test_config_model_names_a_registered_model_or_a_folder(tmp_path):
     from train.evaluate import load_config_model
-    with pytest.raises(ValueError, match="not an embedded model|allowed"):
+    with pytest.raises(ValueError, match="not a registered model"):
         load_config_model("no_such_model_name_or_folder")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="neither a checkpoint folder"):
+        load_config_model(str(tmp_path / "file.txt"))
     with pytest.raises(FileNotFoundError):
         load_config_model(str(tmp_path))  # a folder without a model
+
+
+def test_out_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    from train.evaluate import run_eval
+    path = tmp_path / "results.txt"
+    path.write_text("not a folder")
+    with pytest.raises(ValueError, match="is a file"):
+        run_eval(None, str(path), model_path="no_such_model")  # refused before loading it
+    with pytest.raises(ValueError, match="is a file"):
+        ev.EvalConfig(methods=("full",), budgets=(), tasks=("passkey",), out_dir=str(path))

@@ -211,7 +211,8 @@ def test_rdkv_caches_run_in_the_decode_loop_of_generate():
     model = tiny_model()
     rng = np.random.default_rng(0)
     prompts = [rng.integers(4, model.config.vocab_size, size=n).tolist() for n in (70, 45)]
-    got = jaxkv.generate(model, prompts, 5, policy=make_policy("rdkv", 0.2, model, window=4))
+    got = jaxkv.generate(model, prompts, 5, policy=make_policy("rdkv", 0.2, model, window=4,
+                                                                     eps="default"))
     assert all(len(t) == 5 for t in got.tokens)
     # prompt part <= 0.2 of the dense prompt cache; both sides hold the same 5 decode slots
     assert 0.15 < got.budget < 0.25

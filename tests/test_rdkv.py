@@ -132,7 +132,7 @@ def test_generous_budget_reproduces_full_cache_greedy_tokens():
     full = jaxkv.generate(model, prompts, 6)
     # budget 1, 8 K bits per channel: every token fits, V whole, K at 8 bits per channel
     got = jaxkv.generate(model, prompts, 6, policy=make_policy("rdkv", 1.0, model, window=4,
-                                                               k_bits=8))
+                                                               k_bits=8, eps="default"))
     assert got.tokens == full.tokens
     assert got.cache_bytes <= full.full_cache_bytes
 
@@ -190,17 +190,22 @@ def test_bad_factory_settings_and_a_budget_below_the_window(tmp_path):
         make_policy("rdkv", 0.5, model, eps=DEFAULT_EPS, eps_path=str(tmp_path / "x.json"))
     with pytest.raises(FileNotFoundError):
         make_policy("rdkv", 0.5, model, eps_path=str(tmp_path / "missing.json"))
+    # no table for this model: the error names the command that measures one
+    with pytest.raises(ValueError, match="python -m train calibrate --model"):
+        make_policy("rdkv", 0.5, model)
+    with pytest.raises(ValueError, match="eps='nope'"):
+        make_policy("rdkv", 0.5, model, eps="nope")
     # 1% of a 64-token prompt cannot even hold the 4-token window whole
     with pytest.raises(ValueError, match="whole=4"):
         jaxkv.generate(model, [list(range(4, 68))], 2, policy=make_policy("rdkv", 0.01, model,
-                                                                          window=4))
+                                                                          window=4, eps="default"))
 
 
 def test_layer_by_layer_prefill_does_not_hold_every_layers_cache():
     """XLA's accounting of the compiled prefill (compiled from abstract parameters, never run):
     going from 1 to 3 layers, RDKV's peak grows by well under what the dense prefill's does (the
     dense caches of 2 more layers): 0.68 of it. Before the next layer's input depended on the
-    compressed cache (`decoder._after`), XLA on CPU scheduled compressions late and it was 1.70."""
+    compressed cache (`decoder.depend_on`), XLA on CPU scheduled compressions late and it was 1.70."""
     from jaxkv.model import ModelConfig
     from jaxkv.model.decoder import Decoder, init_params
     t = 2048

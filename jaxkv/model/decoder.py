@@ -8,7 +8,6 @@ Three entry methods, all pure (the cache is passed in and returned):
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Optional, Sequence
 
@@ -190,7 +189,7 @@ class Decoder(nn.Module):
                 cache = policy.compress_layer(i, DenseCache.from_prefill(k_t, v_t, lengths, t), obs)
             x = layer.finish(x, attn)
             if policy is not None:
-                x = _after(x, cache)
+                x = depend_on(x, cache)
             caches.append(cache)
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)
         return self._logits(last[:, 0]), tuple(caches)
@@ -213,7 +212,7 @@ class Decoder(nn.Module):
         return self._logits(x[:, 0]), tuple(new_caches)
 
 
-def _after(x: jax.Array, cache: Any) -> jax.Array:
+def depend_on(x: jax.Array, cache: Any) -> jax.Array:
     """`x`, made to depend on every array of `cache` (adds zero times a sum over each).
 
     Layer-by-layer prefill: the next layer's input then needs this layer's whole compressed cache,

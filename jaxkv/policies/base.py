@@ -36,6 +36,11 @@ class Policy:
     """Base class. Subclasses validate their settings in __post_init__."""
 
     name = "policy"
+    #: True when compress_layer's computation does not depend on the layer index (only on the
+    #: shapes of the cache and observation): `generate_shared` then compiles one layer's
+    #: compression and runs it for every layer instead of compiling all layers into one program.
+    #: False (the safe default) for policies with per-layer settings (PyramidKV, head splits).
+    layer_invariant = False
 
     def observation_positions(self, lengths, t: int):
         return jnp.zeros((lengths.shape[0], 0), jnp.int32)

@@ -34,6 +34,7 @@ class H2O(Policy):
     window: int = 16
 
     name = "h2o"
+    layer_invariant = True
     mode = "h2o"
     buffer = 1  # evict one token per step
 

@@ -108,6 +108,7 @@ class KIVI(Policy):
     requested_budget: Optional[float] = dataclasses.field(default=None, compare=False)
 
     name = "kivi"
+    layer_invariant = True
 
     def __post_init__(self):
         _check_kivi_bits(self.bits)
@@ -156,6 +157,7 @@ class Int8(Policy):
     requested_budget: Optional[float] = dataclasses.field(default=None, compare=False)
 
     name = "int8"
+    layer_invariant = True
 
     def __post_init__(self):
         if self.requested_budget is not None:
@@ -200,6 +202,7 @@ class SnapKVKIVI(Policy):
     whole: Optional[int] = None
 
     name = "snapkv_kivi"
+    layer_invariant = True
 
     def __post_init__(self):
         check_snap_settings(self.budget, self.window, self.kernel)

@@ -38,17 +38,17 @@ also pays the K row of every token it keeps, so eviction trades K and V bytes to
 Distortion table eps(b). The recipe calibrates it once per model on sample prompts: use
 `calibrate_model(model, prompts)` and `save_calibration(model, prompts, path)` (JSON tied to
 `model_fingerprint(model)`), then `RDKV(eps=table)` or `make_policy("rdkv", budget, model,
-eps_path=path)`; a file for another model is a ValueError. With neither, `make_policy` reads
-`<model.path>/rdkv_eps.json` when it exists; otherwise the published Llama-3.1-8B table is used
-(DEFAULT_EPS: K 0.149 / 0.0062 / 2.2e-5, V 0.313 / 0.0140 / 4.9e-5 at 2 / 4 / 8 bits), which
-follows the 4x-per-bit law closely enough that the allocation barely depends on the model.
+eps_path=path)`; a file for another model is a ValueError. With neither, `make_policy` reads the
+table `python -m train calibrate --model NAME_OR_PATH` stored for this model (the user cache
+folder, `eps_cache_path`), or `<model folder>/rdkv_eps.json` (the in-house models ship theirs);
+a model without a table is a ValueError naming that command. `eps="default"` takes the published
+Llama-3.1-8B table (DEFAULT_EPS: K 0.149 / 0.0062 / 2.2e-5, V 0.313 / 0.0140 / 4.9e-5 at 2 / 4 /
+8 bits) on purpose.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import math
 import os
 from typing import Any, Mapping, Optional, Sequence, Tuple
@@ -113,6 +113,7 @@ class RDKV(Policy):
     whole: Optional[int] = None  # recent prompt tokens kept whole; None: `window`
 
     name = "rdkv"
+    layer_invariant = True
 
     def __post_init__(self):
         check_budget(self.budget)
@@ -281,22 +282,55 @@ def load_calibration(path, model) -> quant.EpsTable:
 # ----------------------------------------------------------------------------- registry
 
 
+def eps_cache_path(model) -> str:
+    """Where `python -m train calibrate` stores a model's table: the user cache folder
+    (`jaxkv.paths.user_cache_dir`), one file per model fingerprint."""
+    from jaxkv.paths import user_cache_dir
+    return os.path.join(user_cache_dir(), "rdkv", f"{model_fingerprint(model)}.json")
+
+
+def find_calibration(model) -> Optional[str]:
+    """The calibration file of `model`: the user cache's, else one beside a model folder
+    (`<folder>/rdkv_eps.json`, how the in-house models ship theirs); None if neither exists."""
+    cached = eps_cache_path(model)
+    if os.path.exists(cached):
+        return cached
+    folder = getattr(model, "path", None)
+    if folder and os.path.isdir(folder) and os.path.exists(os.path.join(folder, EPS_FILE)):
+        return os.path.join(folder, EPS_FILE)
+    return None
+
+
+def calibrate_command(model) -> str:
+    spec = getattr(model, "name", None) or getattr(model, "path", None) or "NAME_OR_PATH"
+    return f"python -m train calibrate --model {spec}"
+
+
 @register_method("rdkv")
 def _rdkv(budget: float, model, window: int = 32, kernel: int = 5, k_bits: int = 4,
           bit_widths: Sequence[int] = quant.BIT_WIDTHS, eps: Optional[Mapping] = None,
           eps_path: Optional[str] = None, whole: Optional[int] = None):
-    """RDKV at `budget` of each layer's dense prompt cache bytes. eps: a table; eps_path: a file
-    from save_calibration for this model; neither: <model.path>/rdkv_eps.json if present, else
-    DEFAULT_EPS. whole: recent prompt tokens kept whole (None: the window)."""
+    """RDKV at `budget` of each layer's dense prompt cache bytes. eps: a table, or "default" for
+    the published Llama-3.1-8B one (DEFAULT_EPS); eps_path: a file from save_calibration for this
+    model; neither: this model's calibration (`find_calibration`), and a ValueError naming the
+    calibrate command when it has none. whole: recent prompt tokens kept whole (None: window)."""
     if window > model.config.max_position_embeddings:
         raise ValueError(f"window={window}: larger than the model's context "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
     if eps is not None and eps_path is not None:
         raise ValueError("eps and eps_path: give one of them, not both")
-    if eps_path is None and eps is None and getattr(model, "path", None):
-        beside = os.path.join(model.path, EPS_FILE)
-        if os.path.exists(beside):
-            eps_path = beside
+    if isinstance(eps, str):
+        if eps != "default":
+            raise ValueError(f"eps={eps!r}: give a table {{'k': {{bits: e}}, 'v': ...}} or "
+                             f"'default' (the Llama-3.1-8B table)")
+        eps = DEFAULT_EPS
+    if eps_path is None and eps is None:
+        eps_path = find_calibration(model)
+        if eps_path is None:
+            raise ValueError(f"rdkv: no distortion table eps(b) for this model (fingerprint "
+                             f"{model_fingerprint(model)}); measure one with "
+                             f"`{calibrate_command(model)}`, or pass eps='default' for the "
+                             f"Llama-3.1-8B table")
     if eps_path is not None:
         eps = load_calibration(eps_path, model)
     return RDKV(budget=budget, window=window, kernel=kernel, k_bits=k_bits,
@@ -304,4 +338,4 @@ def _rdkv(budget: float, model, window: int = 32, kernel: int = 5, k_bits: int =
 
 
 __all__ = ["RDKV", "DEFAULT_EPS", "calibrate_model", "save_calibration", "load_calibration",
-           "model_fingerprint", "freeze_eps"]
+           "model_fingerprint", "freeze_eps", "eps_cache_path", "find_calibration"]

@@ -175,6 +175,7 @@ class SnapKV(Policy):
     kernel: int = 5
 
     name = "snapkv"
+    layer_invariant = True
 
     def __post_init__(self):
         check_snap_settings(self.budget, self.window, self.kernel)
@@ -242,6 +243,7 @@ class PyramidKV(SnapKV):
     beta: float = 20.0
 
     name = "pyramidkv"
+    layer_invariant = False  # per-layer budgets
 
     def __post_init__(self):
         super().__post_init__()

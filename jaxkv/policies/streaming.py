@@ -47,6 +47,7 @@ class StreamingLLM(Policy):
     budget: Optional[float] = None
 
     name = "streaming"
+    layer_invariant = True
 
     def __post_init__(self):
         _check_int("sink", self.sink, 0)
