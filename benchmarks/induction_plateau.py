@@ -122,7 +122,6 @@ def main(argv=None):
 
     import dataclasses
 
-    import jax
     import jax.numpy as jnp
     import numpy as np
     from tqdm import tqdm

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from typing import Any, List, Optional, Sequence
 
 import jax
@@ -53,7 +55,8 @@ def _sample(logits, rng, temperature, top_p, greedy: bool):
 
 def prefill_and_decode(params, tokens, lengths, rng, temperature, top_p, *, config: ModelConfig,
                        policy: Any, max_new_tokens: int, greedy: bool, eos_ids: tuple):
-    """Traceable core. tokens: [B, T]; lengths: [B] -> (new tokens [B, N], final caches)."""
+    """Traceable core. tokens: [B, T]; lengths: [B] -> (new tokens [B, N], final caches,
+    bool: some logits were not finite)."""
     module = Decoder(config)
     b, t = tokens.shape
     capacity = t + max_new_tokens
@@ -64,15 +67,18 @@ def prefill_and_decode(params, tokens, lengths, rng, temperature, top_p, *, conf
                                   query_positions, method=Decoder.prefill)
     rng, sub = jax.random.split(rng)
     first = _sample(logits, sub, temperature, top_p, greedy)
-    return decode_loop(params, first, lengths, caches, rng, temperature, top_p, config=config,
-                       max_new_tokens=max_new_tokens, greedy=greedy, eos_ids=eos_ids)
+    out, caches, bad = decode_loop(params, first, lengths, caches, rng, temperature, top_p,
+                                   config=config, max_new_tokens=max_new_tokens, greedy=greedy,
+                                   eos_ids=eos_ids)
+    return out, caches, bad | ~jnp.isfinite(logits).all()
 
 
 def decode_loop(params, first, lengths, caches, rng, temperature, top_p, *, config: ModelConfig,
                 max_new_tokens: int, greedy: bool, eos_ids: tuple):
     """Traceable decode from the first sampled token `first` [B] over `caches` (the prompts' per
-    layer caches) -> (new tokens [B, N] with `first` at 0, final caches). Stops early when every
-    sequence has written an EOS id; tokens after a sequence's EOS are the pad id."""
+    layer caches) -> (new tokens [B, N] with `first` at 0, final caches, bool: some step's logits
+    were not finite). Stops early when every sequence has written an EOS id; tokens after a
+    sequence's EOS are the pad id."""
     module = Decoder(config)
     b = first.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
@@ -80,24 +86,25 @@ def decode_loop(params, first, lengths, caches, rng, temperature, top_p, *, conf
     done = jnp.isin(first, eos)
 
     def cond(state):
-        step, _, _, done, _, _ = state
+        step, _, _, done, _, _, _ = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        step, out, caches, done, last, rng = state
+        step, out, caches, done, last, rng, bad = state
         positions = lengths + step - 1  # position of `last` in each sequence
         logits, caches = module.apply({"params": params}, last, positions, caches,
                                       method=Decoder.decode)
+        bad = bad | ~jnp.all(jnp.isfinite(logits) | done[:, None])  # live rows only
         rng, sub = jax.random.split(rng)
         nxt = _sample(logits, sub, temperature, top_p, greedy)
         nxt = jnp.where(done, config.pad_token_id, nxt)
         out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], step, axis=1)
         done = done | jnp.isin(nxt, eos)
-        return step + 1, out, caches, done, nxt, rng
+        return step + 1, out, caches, done, nxt, rng, bad
 
-    state = (jnp.int32(1), out, caches, done, first, rng)
-    _, out, caches, _, _, _ = jax.lax.while_loop(cond, body, state)
-    return out, caches
+    state = (jnp.int32(1), out, caches, done, first, rng, jnp.bool_(False))
+    _, out, caches, _, _, _, bad = jax.lax.while_loop(cond, body, state)
+    return out, caches, bad
 
 
 def check_finite_caches(caches) -> None:
@@ -196,23 +203,30 @@ def pad_batch(prompts: List[List[int]], pad_id: int, bucket: int = PROMPT_BUCKET
 
 
 def generate(model: Model, prompts, max_new_tokens: int, policy: Any = None,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             temperature: float = 0.0, top_p: float = 1.0, seed=0,
              eos_ids: Optional[Sequence[int]] = None, mesh: Any = None) -> Generation:
-    """Generate up to `max_new_tokens` after each prompt (token-id lists or strings).
+    """Generate up to `max_new_tokens` after each prompt: a string, a conversation
+    ([{"role", "content"}, ...], rendered by the model's chat template), a list of token ids, a
+    2-D integer array (rows are prompts), or a list of these.
 
-    temperature 0 is greedy; otherwise temperature / top-p sampling with PRNG `seed`.
+    temperature 0 is greedy; otherwise temperature / top-p sampling with `seed` (any integer, or
+    a jax.random key). Non-finite logits (NaN weights, say) raise ValueError.
     `policy` (see `jaxkv.policies`) compresses each layer's cache right after prefill.
     Generation stops per sequence at an EOS id (default: the model config's).
     mesh: a `jaxkv.sharding.make_mesh` mesh: the batch goes on its "data" axis (shard the params
     with `jaxkv.sharding.shard_model`); jit propagates the shardings through prefill and decode.
     """
     cfg = model.config
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+    max_new_tokens = _check_new_tokens(max_new_tokens)
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) \
+                or not math.isfinite(value):
+            raise ValueError(f"{name}={value!r}: must be a finite number")
     if temperature < 0:
         raise ValueError(f"temperature={temperature}: must be >= 0 (0 means greedy)")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p}: must lie in (0, 1]")
+    key = rng_key(seed)
     token_lists = _as_token_lists(model, prompts)
     limit = cfg.max_position_embeddings
     for i, ids in enumerate(token_lists):
@@ -236,11 +250,24 @@ def generate(model: Model, prompts, max_new_tokens: int, policy: Any = None,
     if mesh is not None:
         from jaxkv.sharding import shard_batch
         tokens_in, lengths_in = shard_batch((tokens_in, lengths_in), mesh)
-    out, caches = fn(model.params, policy_leaves, tokens_in, lengths_in,
-                     jax.random.PRNGKey(seed), jnp.float32(max(temperature, 1e-6)),
-                     jnp.float32(top_p))
+    out, caches, bad = fn(model.params, policy_leaves, tokens_in, lengths_in, key,
+                          jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p))
+    _check_logits(bad)
     return _generation(model, np.asarray(out), caches, tokens.shape[1] + max_new_tokens,
                        token_lists, eos, check_finite=policy is not None)
+
+
+def _check_new_tokens(max_new_tokens) -> int:
+    if isinstance(max_new_tokens, (bool, np.bool_)) or not isinstance(
+            max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+    return int(max_new_tokens)
+
+
+def _check_logits(bad) -> None:
+    if bool(bad):
+        raise ValueError("the model produced non-finite logits (NaN or Inf) while generating: "
+                         "check its weights and dtype; no tokens are returned")
 
 
 def _generation(model: Model, out: np.ndarray, caches, capacity: int, token_lists, eos,
@@ -289,7 +316,8 @@ def _compiled_shared_prefill(config, observe: _ObserveAll, max_new_tokens: int, 
         logits, states = Decoder(config).apply(
             {"params": params}, tokens, lengths, t + max_new_tokens, observe, qpos,
             method=Decoder.prefill)
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), states
+        return (jnp.argmax(logits, axis=-1).astype(jnp.int32), states,
+                ~jnp.isfinite(logits).all())
     return jax.jit(fn)
 
 
@@ -335,6 +363,33 @@ def _compiled_greedy_decode(config, max_new_tokens: int, eos_ids: tuple, kernel_
     return jax.jit(fn)
 
 
+def rng_key(seed, name: str = "seed") -> jax.Array:
+    """A PRNG key from any Python / numpy int (0 <= seed < 2**32: `PRNGKey(seed)`, as before;
+    larger or negative ints fold every 32-bit chunk and the sign in, so no two ints share a key)
+    or from a `jax.random` key (raw uint32[2] or typed)."""
+    if isinstance(seed, (bool, np.bool_)):
+        raise ValueError(f"{name}={seed!r}: give an integer or a jax.random key, not a bool")
+    if isinstance(seed, (int, np.integer)):
+        seed = int(seed)
+        if 0 <= seed < 2 ** 32:
+            return jax.random.PRNGKey(seed)
+        n, chunks = abs(seed), []
+        while n:
+            chunks.append(n & 0xFFFFFFFF)
+            n >>= 32
+        key = jax.random.fold_in(jax.random.PRNGKey(int(seed < 0)), 0x9E3779B9 + len(chunks))
+        for chunk in reversed(chunks):
+            key = jax.random.fold_in(key, chunk)
+        return key
+    if isinstance(seed, jax.Array):
+        if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+            return jax.random.key_data(seed)
+        if seed.shape == (2,) and seed.dtype == jnp.uint32:
+            return seed
+    raise ValueError(f"{name}={seed!r}: give an integer or a jax.random key "
+                     f"(jax.random.PRNGKey(n) or jax.random.key(n))")
+
+
 def compress_shared(policy, states, lengths, offset: int, width: int, max_new_tokens: int,
                     mode: str):
     """The per-layer caches `policy` keeps of a shared prefill's `states`."""
@@ -365,8 +420,7 @@ def generate_shared(model: Model, prompts, max_new_tokens: int, policies: Sequen
     from pallas_kernels.dispatch import kernel_mode
 
     cfg = model.config
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+    max_new_tokens = _check_new_tokens(max_new_tokens)
     policies = list(policies)
     if not policies:
         raise ValueError("policies: give at least one policy (None for the dense cache)")
@@ -395,8 +449,9 @@ def generate_shared(model: Model, prompts, max_new_tokens: int, policies: Sequen
     mode = kernel_mode()
     observe = _ObserveAll(tuple(policies))
     tokens_in, lengths_in = jnp.asarray(tokens), jnp.asarray(lengths)
-    first, states = _compiled_shared_prefill(cfg, observe, max_new_tokens, mode)(
+    first, states, bad = _compiled_shared_prefill(cfg, observe, max_new_tokens, mode)(
         model.params, tokens_in, lengths_in)
+    _check_logits(bad)
     widths = [0 if p is None else int(p.observation_positions(lengths_in, tokens.shape[1]).shape[1])
               for p in policies]
     offsets = np.cumsum([0] + widths[:-1]).tolist()
@@ -404,7 +459,8 @@ def generate_shared(model: Model, prompts, max_new_tokens: int, policies: Sequen
     decode = _compiled_greedy_decode(cfg, max_new_tokens, eos, mode)
     for p, offset, width in zip(policies, offsets, widths):
         caches = compress_shared(p, states, lengths_in, offset, width, max_new_tokens, mode)
-        toks, caches = decode(model.params, first, lengths_in, caches)
+        toks, caches, bad = decode(model.params, first, lengths_in, caches)
+        _check_logits(bad)
         out.append(_generation(model, np.asarray(toks), caches, tokens.shape[1] + max_new_tokens,
                                token_lists, eos, check_finite=p is not None))
         del caches

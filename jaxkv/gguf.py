@@ -202,6 +202,7 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def load_gguf(path: str, dtype=None):
     """A `jaxkv.Model` from a GGUF file (weights dequantised into `dtype`, default float32)."""
+    import jax
     import jax.numpy as jnp
 
     from jaxkv.model.model import Model
@@ -212,6 +213,7 @@ def load_gguf(path: str, dtype=None):
     target = config.jnp_dtype
     permute = f.architecture == "llama"
     params: Dict[str, Any] = {}
+    sample: Dict[str, np.ndarray] = {}
 
     def put(key: Tuple[str, ...], arr: np.ndarray, name: str, want: Tuple[int, ...]):
         if arr.shape != want:
@@ -220,6 +222,8 @@ def load_gguf(path: str, dtype=None):
         node = params
         for part in key[:-1]:
             node = node.setdefault(part, {})
+        sample[jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in key))] = \
+            np.asarray(arr.ravel()[:16], np.float32)  # dequantised values, before the cast
         node[key[-1]] = jnp.asarray(arr, target)
 
     c = config
@@ -281,7 +285,9 @@ def load_gguf(path: str, dtype=None):
     tokenizer = None
     if "tokenizer.ggml.model" in f.metadata:
         tokenizer = Tokenizer.from_gguf_metadata(f.metadata, name=os.path.basename(f.path))
-    return Model(config=config, params=params, tokenizer=tokenizer, path=f.path)
+    model = Model(config=config, params=params, tokenizer=tokenizer, path=f.path)
+    model._weights_sample = sample
+    return model
 
 
 def _check_complete(f: GGUFFile, config: ModelConfig, params) -> None:

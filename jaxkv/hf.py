@@ -117,7 +117,7 @@ def load_hf(path: str, dtype=None) -> Model:
     shapes = jax.eval_shape(lambda: init_params(config))
     flat_expected = {tuple(k.key for k in kp): v for kp, v in
                      jax.tree_util.tree_flatten_with_path(shapes)[0]}
-    flat = {}
+    flat, sample = {}, {}
     for name, value in tensors.items():
         mapped = _hf_to_flax_name(name)
         if mapped is None:
@@ -137,6 +137,8 @@ def load_hf(path: str, dtype=None) -> Model:
         if arr.shape != want.shape:
             raise ValueError(f"{path}: tensor {name!r} has shape {tuple(value.shape)}, expected "
                              f"{tuple(want.shape[::-1]) if transpose else tuple(want.shape)}")
+        sample[jax.tree_util.keystr(tuple(jax.tree_util.DictKey(k) for k in key))] = \
+            np.asarray(jnp.ravel(arr)[:16], np.float32)  # the stored values, before the cast
         flat[key] = arr.astype(config.jnp_dtype)
     missing = [".".join(k) for k in flat_expected if k not in flat]
     if missing:
@@ -149,7 +151,9 @@ def load_hf(path: str, dtype=None) -> Model:
         node[key[-1]] = arr
     from jaxkv.tokenizer import Tokenizer
     tokenizer = Tokenizer.from_folder(path)
-    return Model(config=config, params=params, tokenizer=tokenizer, path=path)
+    model = Model(config=config, params=params, tokenizer=tokenizer, path=path)
+    model._weights_sample = sample
+    return model
 
 
 def save_hf(model: Model, path: str) -> None:

@@ -91,6 +91,9 @@ def main(argv=None) -> int:
     c.add_argument("--n", type=int, default=4, help="prompts per source (docs text, each task)")
     c.add_argument("--length", type=int, default=1024, help="tokens per real-text prompt")
     c.add_argument("--prompts", default=None, help='JSONL of {"prompt": ...} instead')
+    c.add_argument("--dtype", default="float32",
+                   help="dtype to run the model in (the table is tied to the weights, not the "
+                        "dtype)")
 
     d = sub.add_parser("demo", help="the main job: methods and baselines on the real default "
                                      "model (SmolLM2-135M-Instruct)")
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
     elif args.command == "calibrate":
         from train.calibrate import run_calibration
         run_calibration(args.model, args.out, n=args.n, length=args.length,
-                        prompts_file=args.prompts)
+                        prompts_file=args.prompts, dtype=args.dtype)
     elif args.command == "demo":
         from train.demo import run_demo
         run_demo(args.out, n=args.n, model=args.model)

@@ -6,7 +6,8 @@ import importlib.util
 import os
 
 
-def load_config(spec: str, attr: str = "CONFIG"):
+def load_config(spec: str, attr: str = "CONFIG", expected: type = None):
+    """The `attr` (CONFIG) of a config module or file; `expected`: the type it must have."""
     if spec.endswith(".py") or os.sep in spec:
         if not os.path.exists(spec):
             raise FileNotFoundError(f"--config {spec}: no such file")
@@ -18,4 +19,8 @@ def load_config(spec: str, attr: str = "CONFIG"):
         module = importlib.import_module(spec)
     if not hasattr(module, attr):
         raise ValueError(f"--config {spec}: the module defines no {attr}")
-    return getattr(module, attr)
+    value = getattr(module, attr)
+    if expected is not None and not isinstance(value, expected):
+        raise ValueError(f"--config {spec}: {attr} is a {type(value).__name__}, expected a "
+                         f"{expected.__module__}.{expected.__name__}")
+    return value

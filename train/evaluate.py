@@ -38,10 +38,11 @@ def build_config(config_spec: Optional[str], out_dir: str, model: Optional[str] 
                  max_new_tokens: Optional[int] = None, seed: Optional[int] = None,
                  chat: Optional[bool] = None):
     """The config file (default by model) with the given flags applied."""
+    from jaxkv.eval import EvalConfig
     from train.config_loading import load_config
     if config_spec is None:
         config_spec = TINY_CONFIG if _is_in_house(model) else REAL_CONFIG
-    config = load_config(config_spec)
+    config = load_config(config_spec, expected=EvalConfig)
     changes = {"out_dir": out_dir}
     for name, value in (("n_samples", n), ("tasks", tasks), ("lengths", lengths),
                         ("methods", methods), ("budgets", budgets), ("batch_size", batch_size),

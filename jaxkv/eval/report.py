@@ -25,7 +25,11 @@ def load_results(out_dir) -> List[dict]:
     if not os.path.exists(path):
         return []
     with open(path, "r", encoding="utf-8") as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a readable results file ({e}); move it away or give "
+                             f"another --out") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data

@@ -64,19 +64,30 @@ class Model:
         return model_fingerprint(self)
 
 
+def weights_sample(params) -> dict:
+    """keystr(path) -> the first 16 values of each parameter array as float32: what
+    `model_fingerprint` hashes. Loaders take it from the checkpoint's stored values before casting
+    to the requested dtype, so one checkpoint has one fingerprint in any dtype."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    return {jax.tree_util.keystr(p): np.asarray(jnp.ravel(x)[:16], np.float32) for p, x in leaves}
+
+
 def model_fingerprint(model: Model) -> str:
-    """A string identifying `model`: its architecture and shape, and a SHA-256 over its config and
-    the first 16 values of every parameter array (cheap, and different for differently trained or
-    initialised weights). Cached on the model object (weights are not mutated in place)."""
+    """A string identifying `model`'s weights: its architecture and shape, and a SHA-256 over its
+    config (without the dtype) and the first 16 values of every parameter array (cheap, and
+    different for differently trained or initialised weights). The same checkpoint loaded in
+    float32 or bfloat16 has the same fingerprint (the loaders record the stored values); weights
+    made in memory are sampled from `params`. Cached on the model object."""
     cached = getattr(model, "_fingerprint", None)
     if cached is not None and cached[0] is model.params:
         return cached[1]
     c = model.config
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(c), sort_keys=True, default=str).encode())
-    leaves, _ = jax.tree_util.tree_flatten_with_path(model.params)
-    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(np.asarray(jnp.ravel(leaf)[:16], np.float32).tobytes())
+    settings = {k: v for k, v in dataclasses.asdict(c).items() if k != "dtype"}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    sample = getattr(model, "_weights_sample", None) or weights_sample(model.params)
+    for path in sorted(sample):
+        h.update(path.encode())
+        h.update(np.asarray(sample[path], np.float32).tobytes())
     out = (f"{c.architecture}-L{c.num_layers}-H{c.num_heads}-K{c.num_kv_heads}-D{c.head_dim}-"
            f"{h.hexdigest()[:16]}")
     model._fingerprint = (model.params, out)

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_budget(budget, name: str = "budget") -> float:
-    """A budget is a fraction of the full cache in (0, 1]."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget) \
-            or not 0.0 < float(budget) <= 1.0:
+    """A budget is a fraction of the full cache in (0, 1] (a Python or numpy number)."""
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, numbers.Real) \
+            or math.isnan(budget) or not 0.0 < float(budget) <= 1.0:
         raise ValueError(f"{name}={budget!r}: must be a fraction in (0, 1]")
     return float(budget)
 

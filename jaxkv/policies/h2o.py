@@ -15,8 +15,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxkv.cache.budget import BudgetCache, _attention
-from jaxkv.policies.base import Policy, check_budget, last_positions
+from jaxkv.cache.budget import BudgetCache
+from jaxkv.policies.base import Policy, check_budget
 from jaxkv.policies.registry import register_method
 
 

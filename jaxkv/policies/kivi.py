@@ -276,7 +276,8 @@ class SnapKVKIVI(Policy):
 # ----------------------------------------------------------------------------- registry
 
 
-def _check_window(model, window):
+def _check_window(model, window, minimum: int = 0):
+    _check_int("window", window, minimum)
     if window > model.config.max_position_embeddings:
         raise ValueError(f"window={window}: larger than the model's context "
                          f"max_position_embeddings={model.config.max_position_embeddings}")

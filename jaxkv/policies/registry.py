@@ -112,6 +112,9 @@ def make_policy(name: str, budget: float, model: Any, **settings) -> Any:
     """
     factory = get_factory(name)
     budget = check_budget(budget)
+    if model is None or not hasattr(model, "config") or not hasattr(model, "params"):
+        raise ValueError(f"model={model!r}: give the jaxkv.Model the policy is for (its config "
+                         f"sizes the policy), e.g. jaxkv.load('smollm2-135m-instruct')")
     return factory(budget, model, **settings)
 
 

@@ -18,7 +18,6 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from jaxkv.cache.budget import _attention
 from jaxkv.policies.base import last_positions
 from jaxkv.policies.h2o import H2O, _check_int
 from jaxkv.policies.registry import register_method

@@ -30,11 +30,17 @@ def _check_int(name: str, value, minimum: int) -> int:
 
 
 def window_for_budget(budget: float, prompt_len: int, sink: int) -> int:
-    """Recent-window size so that sink + window = budget * prompt_len slots (at least 1)."""
+    """Recent-window size so that sink + window = budget * prompt_len slots. A budget that cannot
+    hold the sink and one recent token is a ValueError (the cache would exceed the budget)."""
     budget = check_budget(budget)
     _check_int("prompt_len", prompt_len, 1)
     _check_int("sink", sink, 0)
-    return max(1, int(round(budget * prompt_len)) - sink)
+    window = int(round(budget * prompt_len)) - sink
+    if window < 1 and sink + 1 < prompt_len:
+        raise ValueError(f"budget={budget}: {round(budget * prompt_len)} of {prompt_len} cache "
+                         f"slots cannot hold sink={sink} plus one recent token; StreamingLLM "
+                         f"needs budget >= {(sink + 1) / prompt_len:.4g} here (or a smaller sink)")
+    return max(1, window)
 
 
 @dataclasses.dataclass(frozen=True)
