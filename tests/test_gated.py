@@ -209,16 +209,21 @@ def test_gated_cache_protocol():
 
 
 def test_gates_file_roundtrip(tmp_path, model):
+    """jaxkv.model.gated's save_gates / load_gates are jaxkv.policies.rlkv's (one gate-file API:
+    float64, the model's fingerprint recorded; tests/test_gate_files.py has the details)."""
+    from jaxkv.policies import rlkv
+    assert (save_gates, load_gates) == (rlkv.save_gates, rlkv.load_gates)
     g = np.array([[0.1, 1.0], [0.5, 0.0]], np.float32)
     path = str(tmp_path / "gates.json")
-    save_gates(path, g)
+    save_gates(path, g, model=model)
     with open(path) as f:
         payload = json.load(f)
     assert payload["layers"] == 2 and payload["kv_heads"] == 2
-    np.testing.assert_allclose(load_gates(path, model.config), g)
+    assert payload["model_fingerprint"] == model.fingerprint
+    np.testing.assert_array_equal(load_gates(path, model), g.astype(np.float64))
     assert gate_stats(g) == {"mean_gate": pytest.approx(0.4), "sparsity": 0.5}
     assert init_gates(model.config).shape == (2, 2)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"layers": 3, "kv_heads": 2, "gates": g.tolist()}))
-    with pytest.raises(ValueError, match="file says"):
+    with pytest.raises(ValueError, match='"layers"=3 but "gates" has 2'):
         load_gates(str(bad))

@@ -299,7 +299,7 @@ def test_paper_config_code_path(tmp_path, name):
 
 def test_load_model_takes_embedded_names():
     """"embedded" is the default model; an embedded name picks that one (the run-3 recipes
-    train on "tiny_run3"); anything else is a folder."""
+    train on "tiny_run3"); anything else is a registered name, a folder or a .gguf file."""
     from jaxkv.embedded import embedded_model_path
     for name in ("tiny", "tiny_run3"):
         if embedded_model_path(name=name) is None:
@@ -309,5 +309,5 @@ def test_load_model_takes_embedded_names():
     import configs.duo.tiny_run3 as duo3
     import configs.rlkv.tiny_run3 as rlkv3
     assert rlkv3.CONFIG.model == duo3.CONFIG.model == "tiny_run3"
-    with pytest.raises(FileNotFoundError, match="not a local folder"):
+    with pytest.raises(ValueError, match="not a registered model"):
         load_model("no_such_folder")

@@ -18,7 +18,9 @@ Data: synthetic retrieval prompts from jaxkv.tasks (multi-key needles `niah_mult
 `numpy.random.default_rng([seed, step])` (resumable with no data state), padded to one length.
 Optimiser: AdamW lr 0.02, no weight decay (DuoAttention), no gradient clipping unless configured.
 
-Checkpoints, resume, logging, data parallelism and OUT/gates.json as in `train/rlkv.py`.
+Checkpoints, resume (falling back past damaged checkpoints, dropping a torn last log line),
+logging, data parallelism and OUT/gates.json (recording the model's fingerprint) as in
+`train/rlkv.py`.
 """
 from __future__ import annotations
 
@@ -154,10 +156,11 @@ def train_duo(cfg: DuoConfig, out_dir: str, max_steps: Optional[int] = None,
               progress: bool = True, model=None) -> dict:
     """Run (or resume) DuoAttention gate training into out_dir; returns the report."""
     os.makedirs(out_dir, exist_ok=True)
-    model = model if model is not None else load_model(cfg.model, cfg.dtype)
+    loaded = model if model is not None else load_model(cfg.model, cfg.dtype)
     mesh = make_data_mesh(cfg.data_parallel)
+    model = loaded
     if mesh is not None:
-        model = dataclasses.replace(model, params=replicate(model.params, mesh))
+        model = dataclasses.replace(loaded, params=replicate(loaded.params, mesh))
     write_config(out_dir, cfg)
     optimizer = make_gate_optimizer(cfg.learning_rate, cfg.weight_decay, cfg.betas,
                                     cfg.grad_clip)
@@ -169,7 +172,7 @@ def train_duo(cfg: DuoConfig, out_dir: str, max_steps: Optional[int] = None,
         lambda state, step: duo_step(cfg, model, state, *batch_for_step(cfg, step), mesh),
         lambda m: dict(mse=f"{m['mse']:.2e}", gate=f"{m['mean_gate']:.3f}",
                        sparsity=f"{m['sparsity']:.2f}"),
-        max_steps, progress)
+        max_steps, progress, model=loaded)
 
 
 __all__ = ["DuoConfig", "batch_for_step", "distill_loss", "duo_step", "train_duo"]

@@ -15,8 +15,9 @@ outputs are the same thing, since attention is linear in the probabilities).
   init_gates(config, value=1.0) -> [L, K] float32
   check_gates(gates, config) -> gates as float32 [L, K] (ValueError naming the shape otherwise)
   gate_stats(gates) -> {"mean_gate", "sparsity"} (sparsity: fraction of gates below 0.5)
-  save_gates(path, gates) / load_gates(path): the `{"layers", "kv_heads", "gates"}` JSON file that
-      `python -m train rlkv|duo` writes as OUT/gates.json
+  save_gates(path, gates, model=None) / load_gates(path, model=None): `jaxkv.policies.rlkv`'s gate
+      files (re-exported here), e.g. OUT/gates.json of `python -m train rlkv|duo`: float64
+      [L, K], written atomically, recording the model's fingerprint
 
 Granularity: sink and window are counted in tokens (the RLKV paper trains with 128-token blocks;
 a block-granular window is a window rounded up to a block multiple, which the configs can express).
@@ -25,14 +26,13 @@ their window, so within what can be generated their full attention is plain caus
 """
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxkv.model.layers import NEG_INF, streaming_mask
+# the one gate-file API (float64 [L, K], atomic, the model's fingerprint recorded), re-exported
+from jaxkv.policies.rlkv import load_gates, save_gates
 
 
 def check_streaming(sink, window) -> tuple:
@@ -146,36 +146,6 @@ def gate_stats(gates, threshold: float = 0.5) -> dict:
     """mean gate and sparsity (fraction of KV heads whose gate is below `threshold`)."""
     g = np.asarray(gates, np.float64)
     return {"mean_gate": float(g.mean()), "sparsity": float((g < threshold).mean())}
-
-
-def save_gates(path: str, gates) -> None:
-    """Write `{"layers": L, "kv_heads": K, "gates": [[...] * K] * L}` (atomically)."""
-    g = np.asarray(gates, np.float64)
-    if g.ndim != 2:
-        raise ValueError(f"gates: expected shape [layers, kv_heads], got {g.shape}")
-    payload = {"layers": int(g.shape[0]), "kv_heads": int(g.shape[1]),
-               "gates": [[float(x) for x in row] for row in g]}
-    from jaxkv.jsonio import write_json_atomic
-    write_json_atomic(payload, path, indent=1)
-
-
-def load_gates(path: str, config=None) -> np.ndarray:
-    """Read a gates JSON file -> float32 [L, K] (checked against `config` when given)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no gates file (train one with `python -m train rlkv`)")
-    with open(path) as f:
-        payload = json.load(f)
-    try:
-        g = np.asarray(payload["gates"], np.float32)
-        shape = (int(payload["layers"]), int(payload["kv_heads"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: not a gates file ({e}); expected keys layers, kv_heads, "
-                         f"gates") from e
-    if g.shape != shape:
-        raise ValueError(f"{path}: gates have shape {g.shape} but the file says {shape}")
-    if config is not None:
-        check_gates(g, config)
-    return g
 
 
 __all__ = ["mixed_attention_fn", "mix_softmax", "check_streaming", "init_gates", "check_gates",

@@ -21,10 +21,12 @@ class DuoAttention(RLKV):
 
 @register_method("duo")
 def _duo(budget: float, model, gates=None, sink: int = 16, window: int = 64,
-         prompt_len: Optional[int] = None):
+         prompt_len: Optional[int] = None, allow_other_model: bool = False):
     """DuoAttention at `budget`; `gates` is the path of a gate file written by `train duo`
-    (or an array). Budget -> sparsity as for "rlkv"."""
-    return policy_for_budget(DuoAttention, budget, model, gates, sink, window, prompt_len, "duo")
+    (or an array). Budget -> sparsity as for "rlkv"; a gate file recording another model's
+    fingerprint is refused unless allow_other_model."""
+    return policy_for_budget(DuoAttention, budget, model, gates, sink, window, prompt_len, "duo",
+                             allow_other_model)
 
 
 __all__ = ["DuoAttention"]

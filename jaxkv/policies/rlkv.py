@@ -24,11 +24,18 @@ bytes = budget * full bytes gives
 requested one by the rounding of n_stream to whole heads. Without `prompt_len`, `RLKV(gates,
 budget=b)` evaluates this at compression time with T = the real capacity of the cache.
 
-Gate files (`save_gates` / `load_gates`), human-readable:
-    JSON (.json): {"layers": L, "kv_heads": K, "gates": [[g00, g01, ...], ...]}
-    TSV (.tsv or .txt): one row per layer, K tab-separated gates; blank lines and lines starting
-    with '#' are ignored on load.
+Gate files (`save_gates` / `load_gates`: the one gate-file API; `python -m train rlkv|duo` and
+`jaxkv.model.gated` use it), human-readable, written atomically:
+    JSON (.json): {"layers": L, "kv_heads": K, "model_fingerprint": "...",
+                   "gates": [[g00, g01, ...], ...]}
+    TSV (.tsv or .txt): one row per layer, K tab-separated gates; an optional first line
+    `# model_fingerprint: ...`; other lines starting with '#' and blank lines are ignored on load.
 Values are written with Python's shortest round-trip repr, so a round trip is exact.
+"model_fingerprint" (`jaxkv.Model.fingerprint`: architecture, shape and a hash of the weights) is
+the model the gates were trained on, recorded by `save_gates(path, gates, model=...)`. The "rlkv"
+and "duo" factories refuse a gate file of another model (ValueError naming the file and both
+fingerprints) unless given `allow_other_model=True`; a file without one (older files,
+hand-written TSV) is accepted with a warning.
 """
 from __future__ import annotations
 
@@ -37,17 +44,20 @@ import functools
 import json
 import math
 import os
+import warnings
 from typing import Any, Optional, Tuple
 
 import numpy as np
 
 from jaxkv.cache.headsplit import HeadSplitCache
+from jaxkv.jsonio import write_text_atomic
 from jaxkv.policies.base import Policy, check_budget
 from jaxkv.policies.registry import register_method
 
 GateTuple = Tuple[Tuple[float, ...], ...]
 _JSON_EXT = (".json",)
 _TSV_EXT = (".tsv", ".txt")
+_TSV_FINGERPRINT = "# model_fingerprint:"
 
 
 # ---- gates --------------------------------------------------------------------------------------
@@ -85,28 +95,39 @@ def _gate_format(path, argname: str = "path") -> str:
                      f"{', '.join(_JSON_EXT + _TSV_EXT)}")
 
 
-def save_gates(path, gates) -> str:
-    """Write gates [L, K] to `path` as JSON (.json) or TSV (.tsv, .txt); returns the path."""
+def save_gates(path, gates, model=None) -> str:
+    """Write gates [L, K] to `path` as JSON (.json) or TSV (.tsv, .txt), atomically; returns the
+    path. With `model` (a `jaxkv.Model`), the file records `model.fingerprint`, the model the
+    gates were trained on (JSON: "model_fingerprint"; TSV: a `# model_fingerprint: ...` line),
+    and the gates must have its [layers, kv_heads] shape."""
     arr = check_gates(gates)
     fmt = _gate_format(path)
+    fingerprint = None
+    if model is not None:
+        _check_shape_for(arr, model, "gates")
+        fingerprint = model.fingerprint
     rows = [[float(x) for x in row] for row in arr]
     path = os.fspath(path)
     if fmt == "json":
         body = ",\n".join("    [" + ", ".join(repr(x) for x in row) + "]" for row in rows)
-        text = (f'{{\n  "layers": {arr.shape[0]},\n  "kv_heads": {arr.shape[1]},\n'
+        stamp = ("" if fingerprint is None
+                 else f'  "model_fingerprint": {json.dumps(fingerprint)},\n')
+        text = (f'{{\n  "layers": {arr.shape[0]},\n  "kv_heads": {arr.shape[1]},\n{stamp}'
                 f'  "gates": [\n{body}\n  ]\n}}\n')
     else:
-        text = "".join("\t".join(repr(x) for x in row) + "\n" for row in rows)
+        stamp = "" if fingerprint is None else f"{_TSV_FINGERPRINT} {fingerprint}\n"
+        text = stamp + "".join("\t".join(repr(x) for x in row) + "\n" for row in rows)
     try:
-        with open(path, "w") as f:
-            f.write(text)
+        write_text_atomic(text, path)
     except OSError as e:
-        raise ValueError(f"path={path!r}: cannot write the gate file ({e.strerror})") from None
+        raise ValueError(f"path={path!r}: cannot write the gate file "
+                         f"({e.strerror or e})") from None
     return path
 
 
-def load_gates(path) -> np.ndarray:
-    """Read a gate file written by `save_gates` (or by hand) -> float64 [L, K] in [0, 1]."""
+def read_gate_file(path) -> Tuple[np.ndarray, Optional[str]]:
+    """(gates float64 [L, K] in [0, 1], the recorded model fingerprint or None) of a gate file
+    written by `save_gates` (or by hand). No check against a model: see `load_gates`."""
     path = os.fspath(path)
     fmt = _gate_format(path)
     if not os.path.isfile(path):
@@ -114,25 +135,42 @@ def load_gates(path) -> np.ndarray:
     with open(path) as f:
         text = f.read()
     if fmt == "json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"path={path!r}: not valid JSON ({e})") from None
-        if not isinstance(data, dict) or "gates" not in data:
-            raise ValueError(f"path={path!r}: expected a JSON object "
-                             f'{{"layers": L, "kv_heads": K, "gates": [[...], ...]}}')
-        rows = data["gates"]
-        if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows) or \
-                len({len(r) for r in rows}) > 1:
-            raise ValueError(f"path={path!r}: \"gates\" must be a list of equal-length rows")
-        arr = check_gates(rows, name=f"gates in {path!r}")
-        for key, n in (("layers", arr.shape[0]), ("kv_heads", arr.shape[1])):
-            if key in data and data[key] != n:
-                raise ValueError(f"path={path!r}: \"{key}\"={data[key]!r} but \"gates\" has {n}")
-        return arr
-    rows = []
+        return _parse_json_gates(text, path)
+    return _parse_tsv_gates(text, path)
+
+
+def _parse_json_gates(text: str, path: str) -> Tuple[np.ndarray, Optional[str]]:
+    """(gates, fingerprint or None) of a JSON gate file's `text`; ValueError naming `path`."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"path={path!r}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or "gates" not in data:
+        raise ValueError(f"path={path!r}: expected a JSON object "
+                         f'{{"layers": L, "kv_heads": K, "gates": [[...], ...]}}')
+    rows = data["gates"]
+    if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows) or \
+            len({len(r) for r in rows}) > 1:
+        raise ValueError(f"path={path!r}: \"gates\" must be a list of equal-length rows")
+    arr = check_gates(rows, name=f"gates in {path!r}")
+    for key, n in (("layers", arr.shape[0]), ("kv_heads", arr.shape[1])):
+        if key in data and data[key] != n:
+            raise ValueError(f"path={path!r}: \"{key}\"={data[key]!r} but \"gates\" has {n}")
+    fingerprint = data.get("model_fingerprint")
+    if fingerprint is not None and (not isinstance(fingerprint, str) or not fingerprint):
+        raise ValueError(f"path={path!r}: \"model_fingerprint\"={fingerprint!r}: must be a "
+                         f"non-empty string (jaxkv.Model.fingerprint)")
+    return arr, fingerprint
+
+
+def _parse_tsv_gates(text: str, path: str) -> Tuple[np.ndarray, Optional[str]]:
+    """(gates, fingerprint or None) of a TSV gate file's `text`; ValueError naming `path`."""
+    rows, fingerprint = [], None
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.strip()
+        if line.startswith(_TSV_FINGERPRINT):
+            fingerprint = line[len(_TSV_FINGERPRINT):].strip() or None
+            continue
         if not line or line.startswith("#"):
             continue
         try:
@@ -144,7 +182,48 @@ def load_gates(path) -> np.ndarray:
         raise ValueError(f"path={path!r}: rows have different numbers of gates "
                          f"{sorted({len(r) for r in rows})}; expected one row of kv_heads gates "
                          f"per layer")
-    return check_gates(rows, name=f"gates in {path!r}")
+    return check_gates(rows, name=f"gates in {path!r}"), fingerprint
+
+
+def load_gates(path, model=None, *, allow_other_model: bool = False) -> np.ndarray:
+    """Read a gate file written by `save_gates` (or by hand) -> float64 [L, K] in [0, 1].
+
+    With `model` (a `jaxkv.Model`) the gates must have its [layers, kv_heads] shape and must
+    have been trained on it: a file recording another `model_fingerprint` raises a ValueError
+    naming the file and both fingerprints, unless `allow_other_model=True`; a file recording
+    none (older files, hand-written TSV) is accepted with a warning."""
+    arr, recorded = read_gate_file(path)
+    if model is not None:
+        path = os.fspath(path)
+        _check_shape_for(arr, model, f"gates in {path!r}")
+        check_gate_fingerprint(path, recorded, model, allow_other_model)
+    return arr
+
+
+def check_gate_fingerprint(path, recorded: Optional[str], model,
+                           allow_other_model: bool = False) -> None:
+    """The model check of `load_gates`: `recorded` (the file's fingerprint, or None) against
+    `model.fingerprint`."""
+    current = model.fingerprint
+    if recorded is None:
+        warnings.warn(f"gates={os.fspath(path)!r}: the gate file records no model_fingerprint "
+                      f"(an older or hand-written file), so it cannot be checked against this "
+                      f"model ({current}); write it with save_gates(path, gates, model=...) to "
+                      f"record one", stacklevel=3)
+        return
+    if recorded != current and not allow_other_model:
+        raise ValueError(f"gates={os.fspath(path)!r}: the gates were trained on the model with "
+                         f"model_fingerprint={recorded!r}, not on this one "
+                         f"(model_fingerprint={current!r}); pass allow_other_model=True to use "
+                         f"them anyway")
+
+
+def _check_shape_for(arr: np.ndarray, model, name: str) -> None:
+    """Gates `arr` must be [layers, kv_heads] of `model`; ValueError starting with `name`."""
+    want = (model.config.num_layers, model.config.num_kv_heads)
+    if tuple(arr.shape) != want:
+        raise ValueError(f"{name}: shape {list(arr.shape)} does not match the model's "
+                         f"[layers, kv_heads] = {list(want)}")
 
 
 def random_gates(layers: int, kv_heads: int, seed: int = 0) -> np.ndarray:
@@ -235,12 +314,18 @@ def _select_heads(gates: GateTuple, sparsity: float) -> Tuple[GateTuple, GateTup
 
 
 def sparsity_for_budget(budget: float, sink: int, window: int, prompt_len: int) -> float:
-    """s = (1 - budget) / (1 - (sink + window) / prompt_len), clipped to [0, 1); 0 when
-    sink + window >= prompt_len (streaming cannot save memory then)."""
+    """s = (1 - budget) / (1 - (sink + window) / prompt_len), clipped to [0, 1); 0 for budget 1.
+    A budget below what sink + window of every head costs (a cache where every head streams) is
+    a ValueError: no head split meets it."""
     budget = check_budget(budget)
     if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or prompt_len < 1:
         raise ValueError(f"prompt_len={prompt_len!r}: must be a positive integer")
     frac = (sink + window) / prompt_len
+    if budget < min(frac, 1.0) and budget < 1.0:
+        raise ValueError(f"budget={budget}: even with every head streaming, sink={sink} + "
+                         f"window={window} of {prompt_len} cache slots is {min(frac, 1.0):.4g} of "
+                         f"the full cache; use budget >= {min(frac, 1.0):.4g}, or a smaller sink "
+                         f"and window")
     if frac >= 1.0:
         return 0.0
     s = (1.0 - budget) / (1.0 - frac)
@@ -361,12 +446,21 @@ class RLKV(Policy):
 
 
 def policy_for_budget(cls, budget: float, model, gates, sink: int, window: int,
-                      prompt_len: Optional[int], method: str):
+                      prompt_len: Optional[int], method: str, allow_other_model: bool = False):
     """Shared by the registered factories: `cls(gates, sparsity)` with the sparsity that matches
-    `budget` for `prompt_len` cache slots (or budget mode when prompt_len is None)."""
+    `budget` for `prompt_len` cache slots (or budget mode when prompt_len is None). A gate file
+    path is read with `load_gates(gates, model, allow_other_model=...)`: it must belong to
+    `model` (see the module doc)."""
     if gates is None:
         raise ValueError(f"gates=None: method {method!r} needs gates, a gate file path (JSON or "
                          f"TSV, see jaxkv.policies.rlkv.save_gates) or a [layers, kv_heads] array")
+    if not isinstance(allow_other_model, bool):
+        raise ValueError(f"allow_other_model={allow_other_model!r}: must be True or False")
+    if isinstance(gates, (str, os.PathLike)):
+        try:
+            gates = load_gates(gates, model, allow_other_model=allow_other_model)
+        except ValueError as e:
+            raise ValueError(f"gates: {e}") from None
     budget = check_budget(budget)
     if prompt_len is None:
         policy = cls(gates, budget=budget, sink=sink, window=window)
@@ -381,10 +475,12 @@ def policy_for_budget(cls, budget: float, model, gates, sink: int, window: int,
 
 @register_method("rlkv")
 def _rlkv(budget: float, model, gates=None, sink: int = 16, window: int = 64,
-          prompt_len: Optional[int] = None):
+          prompt_len: Optional[int] = None, allow_other_model: bool = False):
     """RLKV with trained gates (path or array). Budget -> sparsity as in the module doc;
-    prompt_len = full-cache slots per sequence (prompt + generated), default: the real capacity."""
-    return policy_for_budget(RLKV, budget, model, gates, sink, window, prompt_len, "rlkv")
+    prompt_len = full-cache slots per sequence (prompt + generated), default: the real capacity.
+    A gate file recording another model's fingerprint is refused unless allow_other_model."""
+    return policy_for_budget(RLKV, budget, model, gates, sink, window, prompt_len, "rlkv",
+                             allow_other_model)
 
 
 @register_method("random_heads")
@@ -409,6 +505,7 @@ for _seed in (1, 2):  # "random_heads" itself is seed 0
     register_method(f"random_heads_{_seed}", _random_heads_seed(_seed))
 
 
-__all__ = ["RLKV", "check_gates", "save_gates", "load_gates", "plot_gates", "random_gates",
+__all__ = ["RLKV", "check_gates", "save_gates", "load_gates", "read_gate_file",
+           "check_gate_fingerprint", "plot_gates", "random_gates",
            "select_heads", "sparsity_for_budget", "num_streaming", "check_sparsity",
            "policy_for_budget"]
