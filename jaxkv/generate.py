@@ -292,33 +292,47 @@ def _generation(model: Model, out: np.ndarray, caches, capacity: int, token_list
 # ---- one prefill, many policies ----------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class _ObserveAll:
-    """A pseudo-policy for the shared prefill: asks for the union of the observation positions of
-    `policies` and keeps each layer's dense prompt cache with its observation uncompressed."""
-
-    policies: tuple
-
-    def observation_positions(self, lengths, t: int):
-        parts = [p.observation_positions(lengths, t) for p in self.policies if p is not None]
-        if not parts:
-            return jnp.zeros((lengths.shape[0], 0), jnp.int32)
-        return jnp.concatenate([x.astype(jnp.int32) for x in parts], axis=1)  # [B, sum Q]
+class _KeepDense:
+    """A pseudo-policy for the shared prefill: keeps each layer's dense prompt cache and its
+    observation (the queries at the positions asked for) uncompressed."""
 
     def compress_layer(self, layer, cache, obs):
         return cache, obs
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_shared_prefill(config, observe: _ObserveAll, max_new_tokens: int, kernel_mode):
-    def fn(params, tokens, lengths):
+def _compiled_shared_prefill(config, max_new_tokens: int, kernel_mode):
+    def fn(params, tokens, lengths, qpos):
         b, t = tokens.shape
-        qpos = observe.observation_positions(lengths, t)
         logits, states = Decoder(config).apply(
-            {"params": params}, tokens, lengths, t + max_new_tokens, observe, qpos,
+            {"params": params}, tokens, lengths, t + max_new_tokens, _KeepDense(), qpos,
             method=Decoder.prefill)
         return (jnp.argmax(logits, axis=-1).astype(jnp.int32), states,
                 ~jnp.isfinite(logits).all())
     return jax.jit(fn)
+
+
+def observation_union(policies, lengths, t: int):
+    """The positions every policy observes, each distinct set once (SnapKV-family methods with
+    the same window share theirs): (positions int32 [B, Q], offset and width of each policy's
+    columns in it)."""
+    unique, where = [], []
+    for p in policies:
+        if p is None:
+            where.append((0, 0))
+            continue
+        pos = np.asarray(p.observation_positions(lengths, t), np.int32)  # [B, Q_p]
+        for j, seen in enumerate(unique):
+            if seen.shape == pos.shape and np.array_equal(seen, pos):
+                break
+        else:
+            unique.append(pos)
+            j = len(unique) - 1
+        where.append((j, pos.shape[1]))
+    starts = np.cumsum([0] + [u.shape[1] for u in unique]).tolist()
+    columns = [(starts[j], w) if w else (0, 0) for j, w in where]
+    union = np.concatenate(unique, axis=1) if unique else np.zeros((len(lengths), 0), np.int32)
+    return union, columns
 
 
 @functools.lru_cache(maxsize=128)
@@ -447,17 +461,14 @@ def generate_shared(model: Model, prompts, max_new_tokens: int, policies: Sequen
                                 bucket=pad_to if pad_to is not None else PROMPT_BUCKET)
     eos = tuple(int(e) for e in (eos_ids if eos_ids is not None else cfg.eos_ids))
     mode = kernel_mode()
-    observe = _ObserveAll(tuple(policies))
     tokens_in, lengths_in = jnp.asarray(tokens), jnp.asarray(lengths)
-    first, states, bad = _compiled_shared_prefill(cfg, observe, max_new_tokens, mode)(
-        model.params, tokens_in, lengths_in)
+    union, columns = observation_union(policies, lengths_in, tokens.shape[1])
+    first, states, bad = _compiled_shared_prefill(cfg, max_new_tokens, mode)(
+        model.params, tokens_in, lengths_in, jnp.asarray(union))
     _check_logits(bad)
-    widths = [0 if p is None else int(p.observation_positions(lengths_in, tokens.shape[1]).shape[1])
-              for p in policies]
-    offsets = np.cumsum([0] + widths[:-1]).tolist()
     out = []
     decode = _compiled_greedy_decode(cfg, max_new_tokens, eos, mode)
-    for p, offset, width in zip(policies, offsets, widths):
+    for p, (offset, width) in zip(policies, columns):
         caches = compress_shared(p, states, lengths_in, offset, width, max_new_tokens, mode)
         toks, caches, bad = decode(model.params, first, lengths_in, caches)
         _check_logits(bad)
