@@ -52,7 +52,7 @@ def main(argv=None):
         for task_name in TASKS:
             task = make_task(task_name, length=args.length)
             exs = [task.sample(rng) for _ in range(args.n)]
-            ids = [model.tokenizer.encode(e.prompt).ids for e in exs]
+            ids = [model.tokenizer.encode(e.prompt) for e in exs]
             tokens, lengths = pad_prompts(ids)
             lengths = jnp.asarray(lengths)
             avoid = [reference_positions(lengths, 32), last_positions(lengths, args.window)]

@@ -123,7 +123,7 @@ def build_cache(kind: str, key, shape: Shape, context: int, args):
         policy = RDKV(budget=args.budget, window=32, k_bits=4)
         item = jnp.dtype(shape.dtype).itemsize
         r = policy.k_row_bytes(d)
-        arena = policy.arena_bytes(context, kh, d, item)
+        arena = policy.arena_bytes(context, 0, kh, d, item)
         widths = np.asarray([2, 4, 8, 16])
         cost = np.asarray([record_bytes(int(w), r, d, item) for w in widths])
 

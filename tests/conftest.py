@@ -1,8 +1,15 @@
 """Fixtures shared by the kernel tests."""
-import numpy as np
+import os
+
+# The CLI turns on JAX's persistent compilation cache; tests call the CLI in-process, and writing
+# some executables (interpret-mode Pallas kernels, host callbacks) to that cache crashes the
+# interpreter (SIGSEGV in compilation_cache.put_executable_and_time). Tests compile fresh.
+os.environ["JAXKV_NO_COMPILATION_CACHE"] = "1"
+
+import numpy as np  # noqa: E402
 import pytest
 
-from tests.helpers import SeededRng
+from tests.helpers import SeededRng  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -18,6 +25,18 @@ def _user_cache_dir(tmp_path_factory):
         os.environ.pop("JAXKV_CACHE_DIR", None)
     else:
         os.environ["JAXKV_CACHE_DIR"] = previous
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Compiled programs of a test module are dropped when it ends: one process runs the whole
+    suite, and executables of every earlier module would otherwise stay resident."""
+    yield
+    import gc
+
+    import jax
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture

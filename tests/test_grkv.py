@@ -159,7 +159,7 @@ def test_held_out_error_grkv_beats_no_merging_and_the_merging_baselines():
     ids = []
     for name in ("niah_multikey", "variable_tracking"):
         task = make_task(name, length=224)
-        ids += [model.tokenizer.encode(task.sample(rng).prompt).ids for _ in range(2)]
+        ids += [model.tokenizer.encode(task.sample(rng).prompt) for _ in range(2)]
     tokens, lengths = pad_prompts(ids)
     lengths = jnp.asarray(lengths)
     settings = dict(budget=0.2, window=8, kernel=5)

@@ -255,8 +255,10 @@ def test_budget_to_sparsity_mapping(model):
     # s = (1 - 0.5) / (1 - 0.2) = 0.625 -> round(0.625 * 8) = 5 streaming heads.
     assert sparsity_for_budget(0.5, 4, 12, 80) == pytest.approx(0.625)
     assert sparsity_for_budget(1.0, 4, 12, 80) == 0.0
-    assert 0.99 < sparsity_for_budget(0.1, 4, 12, 80) < 1.0  # 1.125 clipped below 1
-    assert sparsity_for_budget(0.5, 64, 64, 100) == 0.0  # streaming cannot save memory
+    with pytest.raises(ValueError, match="every head streaming"):  # 0.1 < 16 / 80
+        sparsity_for_budget(0.1, 4, 12, 80)
+    with pytest.raises(ValueError, match="every head streaming"):  # streaming saves nothing
+        sparsity_for_budget(0.5, 64, 64, 100)
     gates = random_gates(2, KV, seed=3)
     p = registry.make_policy("rlkv", 0.5, model, gates=gates, sink=4, window=12, prompt_len=80)
     assert isinstance(p, RLKV) and p.sparsity == pytest.approx(0.625)
@@ -266,9 +268,12 @@ def test_budget_to_sparsity_mapping(model):
     r = registry.make_policy("random_heads", 0.5, model, seed=3, sink=4, window=12,
                              prompt_len=80)
     assert r.gates == p.gates  # random_gates(2, 4, seed=3)
-    # StreamingLLM: window = round(budget * T) - sink = round(0.25 * 100) - 4 = 21 (at least 1).
+    # StreamingLLM: window = floor(budget * T) - sink = floor(0.25 * 100) - 4 = 21; a budget that
+    # cannot hold the sink plus one token is refused.
     assert StreamingLLM.for_budget(0.25, 100, 4).window == 21
-    assert StreamingLLM.for_budget(0.01, 100, 4).window == 1
+    assert StreamingLLM.for_budget(0.05, 100, 4).window == 1
+    with pytest.raises(ValueError, match="budget=0.01"):
+        StreamingLLM.for_budget(0.01, 100, 4)
     s = registry.make_policy("streaming", 0.25, model, sink=4, prompt_len=100)
     assert (s.sink, s.window) == (4, 21)
 
@@ -349,20 +354,22 @@ def test_sparsity_extremes_and_bytes_formula(model):
         assert nbytes == 2 * 2 * cfg.head_dim * 4 * slots + parts * 2 * 4
         assert nbytes < cfg.kv_bytes_per_token() * 2 * cap  # the dense cache's bytes
     # Budget mode (what the "rlkv" factory builds without prompt_len): the sparsity comes from the
-    # real capacity, 0.5 -> s = 0.5 / (1 - 12 / 56) = 0.636 -> round(5.09) = 5 of 8 heads stream;
-    # the achieved budget (3 * 56 + 5 * 12) / (8 * 56) = 0.509 is within half a head of 0.5.
+    # real capacity, 0.5 -> s = 0.5 / (1 - 12 / 56) = 0.636 -> 5.09 heads, rounded up to 6 of 8 so
+    # the cache meets the budget: (2 * 56 + 6 * 12) / (8 * 56) = 0.41 <= 0.5.
     policy = registry.make_policy("rlkv", 0.5, model, gates=gates, sink=sink, window=window)
     caches = _cache_shapes(model, prompt, lengths, cap, policy)
-    assert sum(len(c.stream_heads) for c in caches) == 5
-    assert _slots(caches) / (heads * cap) == pytest.approx((3 * 56 + 5 * 12) / (8 * 56))
-    # StreamingLLM in budget mode: window = round(0.25 * 56) - 4 = 10 -> 14 slots in every head.
+    assert sum(len(c.stream_heads) for c in caches) == 6
+    assert _slots(caches) / (heads * cap) == pytest.approx((2 * 56 + 6 * 12) / (8 * 56))
+    # StreamingLLM in budget mode: the slots whose K and V (4 heads x 64 bytes) and int32 count
+    # fit in a quarter of the dense cache's: floor((0.25 (56 * 256 + 4) - 4) / 256) = 13, so
+    # window = 13 - 4 = 9.
     streaming = jax.eval_shape(
         lambda p, x, n: _prefill(p, x, n, cfg, cap, registry.make_policy("streaming", 0.25,
                                                                          model))[1],
         model.params, prompt, lengths)
     for c in streaming:
-        assert isinstance(c, SinkWindowCache) and (c.sink, c.window) == (4, 10)
-        assert c.k.shape == (2, KV, 14, cfg.head_dim)
+        assert isinstance(c, SinkWindowCache) and (c.sink, c.window) == (4, 9)
+        assert c.k.shape == (2, KV, 13, cfg.head_dim)
 
 
 def test_generate_sparsity_zero_equals_full(model):

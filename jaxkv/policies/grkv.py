@@ -261,7 +261,7 @@ class GRKV(CriticalKV):
             k, v, keep, scores, obs, window=self.window, n_ref=self.n_ref,
             ref_weight=self.ref_weight, guard=self.guard, lam=self.lam, v_cap=self.v_cap,
             k_cap=k_cap, cg_iters=self.cg_iters, cg_tol=self.cg_tol,
-            max_kept=min(t, k.shape[1] * self.n_max(layer, t)))
+            max_kept=min(t, k.shape[1] * self.n_max(layer, t, self._mean(cache, obs))))
         return k_new, v_new
 
 

@@ -224,9 +224,15 @@ class SnapKVKIVI(Policy):
                     + 2 * self.whole * head_dim * itemsize)
         return kv_heads * per_head + 8  # + q_lengths, whole_lengths
 
-    def n_slots(self, t: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
+    def prompt_bytes(self, length, extra: int, kv_heads: int, head_dim: int, itemsize: int):
+        """Bytes the prompt part may take per sequence: `budget` of the dense cache of `length`
+        prompt tokens and `extra` decode slots, less those slots (dense in both caches)."""
+        tb = 2 * head_dim * itemsize
+        return self.budget * (kv_heads * (length + extra) * tb + 4) - kv_heads * extra * tb
+
+    def n_slots(self, t: int, kv_heads: int, head_dim: int, itemsize: int, extra: int = 0) -> int:
         """Static quantised slots per head for a padded prompt of t tokens."""
-        total = math.floor(self.budget * (kv_heads * t * 2 * head_dim * itemsize + 4))
+        total = math.floor(self.prompt_bytes(t, extra, kv_heads, head_dim, itemsize))
         if self._bytes(0, kv_heads, head_dim, itemsize) > total:
             raise ValueError(
                 f"budget={self.budget}: {total} bytes per sequence for a {t}-token prompt, fewer "
@@ -242,11 +248,12 @@ class SnapKVKIVI(Policy):
         finite = _check_finite(layer, cache)
         b, kh, t, d = cache.k.shape
         item = jnp.dtype(cache.k.dtype).itemsize
-        n = self.n_slots(t, kh, d, item)
+        n = self.n_slots(t, kh, d, item, obs.extra_capacity)
         lengths = obs.lengths.astype(jnp.int32)
         n_win = jnp.minimum(self.whole, lengths)
         # per sequence: as many tokens as its own length's budget allows (float32 arithmetic)
-        total = jnp.floor(self.budget * (kh * lengths.astype(jnp.float32) * 2 * d * item + 4))
+        total = jnp.floor(self.prompt_bytes(lengths.astype(jnp.float32), obs.extra_capacity, kh,
+                                            d, item))
         avail = (total - self._bytes(0, kh, d, item)) / kh
         per = kivi_token_bytes(self.bits, d, self.group_size) + 4
         n_row = jnp.clip(jnp.floor(avail / per).astype(jnp.int32), 0,

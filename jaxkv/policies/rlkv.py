@@ -404,10 +404,14 @@ class RLKV(Policy):
         return np.asarray(self.gates, np.float64)
 
     def sparsity_for_capacity(self, capacity: int) -> float:
-        """The sparsity used for a cache of `capacity` slots per sequence (prompt + decoding)."""
+        """The sparsity used for a cache of `capacity` slots per sequence (prompt + decoding). In
+        budget mode the number of streaming heads is rounded up, so the cache meets the budget."""
         if self.sparsity is not None:
             return self.sparsity
-        return sparsity_for_budget(self.budget, self.sink, self.window, capacity)
+        s = sparsity_for_budget(self.budget, self.sink, self.window, capacity)
+        total = self.num_layers * self.num_kv_heads
+        n = min(math.ceil(s * total - 1e-9), total)
+        return n / total if n < total else float(np.nextafter(1.0, 0.0))
 
     def head_split(self, capacity: Optional[int] = None) -> Tuple[GateTuple, GateTuple]:
         """(full_heads, stream_heads) per layer; `capacity` is needed only in budget mode."""

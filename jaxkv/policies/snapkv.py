@@ -2,10 +2,13 @@
 machinery (observation-window scores, pooling, per-head and head-wise top-k) that AdaKV,
 CriticalKV, the merging baselines and GRKV build on.
 
-Every policy here keeps, per layer, `budget` of each sequence's prompt tokens (on average over the
-KV heads of the layer), the last `window` prompt tokens of every head always included, and stores
-them in a `SparseCache` whose arrays are that size (`SparseCache` docstring: the only padding is a
-sequence shorter than the padded prompt). Tokens generated while decoding are all kept.
+Every policy here keeps, per layer, the prompt tokens (on average over the KV heads of the layer)
+whose SparseCache holds `budget` of the dense cache's bytes: keys, values and 8 index bytes per
+kept token, next to the dense slots for the tokens generated while decoding (all kept), against
+the dense cache of the prompt and those slots (`SnapKV.mean_keep`). The last `window` prompt
+tokens of every head are always kept; a budget that cannot hold them is a ValueError. The
+`SparseCache` arrays are that size (its docstring: the only padding is a sequence shorter than
+the padded prompt).
 
 Scores (SnapKV, Li et al. 2024): the attention of the last `window` prompt queries onto every
 earlier token, averaged over those queries and over the G query heads of a KV head, then 1-D
@@ -14,6 +17,7 @@ average-pooled with `kernel` (which is what makes the kept tokens come in spans)
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Tuple
 
 import jax
@@ -102,10 +106,11 @@ def window_mask(lengths: jax.Array, t: int, window: int) -> jax.Array:
     return (pos < lengths[:, None]) & (pos >= lengths[:, None] - window)
 
 
-def per_row_keep(budget: float, lengths: jax.Array, minimum: int) -> jax.Array:
-    """int32 [B]: tokens kept per head for each sequence: round(budget * length), at least
-    `minimum` (the window) and at most the length."""
-    n = jnp.round(budget * lengths.astype(jnp.float32)).astype(jnp.int32)
+def per_row_keep(fraction: float, lengths: jax.Array, minimum: int) -> jax.Array:
+    """int32 [B]: tokens kept per head for each sequence: round(fraction * length), at least
+    `minimum` (the window) and at most the length (fraction: of the padded prompt, so the
+    longest row keeps the static slots)."""
+    n = jnp.floor(fraction * lengths.astype(jnp.float32) + 1e-6).astype(jnp.int32)
     return jnp.minimum(jnp.maximum(n, minimum), lengths.astype(jnp.int32))
 
 
@@ -163,11 +168,17 @@ def check_snap_settings(budget, window, kernel) -> None:
         raise ValueError(f"kernel={kernel}: the pooling kernel must be odd")
 
 
+#: bytes a SparseCache stores per kept slot besides its key and value: int32 head id + position
+SLOT_INDEX_BYTES = 8
+
+
 @dataclasses.dataclass(frozen=True)
 class SnapKV(Policy):
-    """SnapKV: every KV head keeps its top `budget` of the prompt by pooled window attention.
+    """SnapKV: every KV head keeps its top prompt tokens by pooled window attention.
 
-    budget: fraction of prompt tokens kept per head, in (0, 1]; window: observation window
+    budget: fraction of the dense cache's bytes, in (0, 1] (the prompt and the decode slots, in
+    the cache dtype): each head keeps, on average, the prompt tokens whose keys, values and slot
+    indices fit in it next to the dense decode slots (`mean_keep`); window: observation window
     (always kept); kernel: pooling size (odd, >= 1)."""
 
     budget: float = 0.2
@@ -188,12 +199,27 @@ class SnapKV(Policy):
         """Tokens a head must be able to keep: the window (subclasses add their frozen guard)."""
         return self.window
 
-    def n_max(self, layer: int, t: int) -> int:
-        """Static per-head slots of layer `layer` for a padded prompt of t tokens."""
-        n = int(round(self.budget * t))
+    def mean_keep(self, t: int, extra: int, head_dim: int, itemsize: int,
+                  kv_heads: int = 1) -> float:
+        """Prompt tokens per head, on average, whose SparseCache holds `budget` of the bytes of
+        the dense cache (t + extra slots per head, an int32 length per sequence), per sequence:
+        K n (2 D s + 8) + K extra 2 D s + 4 = budget (K (t + extra) 2 D s + 4)."""
+        tb = 2 * head_dim * itemsize
+        dense = kv_heads * (t + extra) * tb + 4
+        return (self.budget * dense - 4 - kv_heads * extra * tb) / (kv_heads * (tb + SLOT_INDEX_BYTES))
+
+    def _mean(self, cache, obs) -> float:
+        b, kh, t, d = cache.k.shape
+        return self.mean_keep(t, obs.extra_capacity, d, jnp.dtype(cache.k.dtype).itemsize, kh)
+
+    def n_max(self, layer: int, t: int, mean: float) -> int:
+        """Static per-head slots of layer `layer` for a padded prompt of t tokens, when a head
+        keeps `mean` tokens on average (`mean_keep`)."""
+        n = min(t, int(math.floor(mean + 1e-9)))
         if n < self.min_keep():
             raise ValueError(
-                f"budget={self.budget}: keeps {n} of {t} prompt tokens per head, fewer than the "
+                f"budget={self.budget}: {max(n, 0)} of {t} prompt tokens per head fit in that "
+                f"share of the cache's bytes next to its decode slots, fewer than the "
                 f"{self.min_keep()} that are always kept (window={self.window}"
                 f"{self._guard_text()}); raise the budget or shrink the window")
         return n
@@ -204,8 +230,8 @@ class SnapKV(Policy):
     def scores(self, cache, obs) -> jax.Array:
         return snapkv_scores(cache, obs, self.window, self.kernel)
 
-    def n_keep(self, layer: int, lengths, t: int) -> jax.Array:
-        return per_row_keep(self.budget, lengths, self.window)
+    def n_keep(self, layer: int, lengths, t: int, mean: float) -> jax.Array:
+        return per_row_keep(self.n_max(layer, t, mean) / t, lengths, self.window)
 
     def select(self, layer: int, scores, n_keep, n_max: int, cache, obs) -> jax.Array:
         return select_per_head(scores, n_keep, n_max)
@@ -220,10 +246,11 @@ class SnapKV(Policy):
             raise ValueError(f"cache: layer {layer}'s keys/values hold NaN or Inf; refusing to "
                              f"compress them")
         t = cache.k.shape[2]
-        n_max = self.n_max(layer, t)
+        mean = self._mean(cache, obs)
+        n_max = self.n_max(layer, t, mean)
         raw = self.scores(cache, obs)  # [B, K, T]
         scores = prepare_scores(raw, obs.lengths, self.window)
-        n_keep = self.n_keep(layer, obs.lengths, t)
+        n_keep = self.n_keep(layer, obs.lengths, t, mean)
         keep = self.select(layer, scores, n_keep, n_max, cache, obs)
         k, v = self.adjust(layer, cache.k, cache.v, keep, raw, cache, obs)
         # a non-finite input poisons the output (generate then raises, see check_finite_caches)
@@ -237,7 +264,8 @@ class PyramidKV(SnapKV):
     """PyramidKV (Cai et al. 2024): SnapKV scores, per-layer budgets that shrink linearly from the
     first layer to the last (same mean). Outside the window, layer l keeps
     c_l = c_max - l * (c_max - c_min) / (L - 1) with c_min = c / beta, c_max = 2c - c_min, where
-    c = budget * T - window is the mean (the reference implementation's rule)."""
+    c = mean_keep - window is the mean (the reference implementation's rule); a layer whose c_l
+    exceeds its prompt keeps all of it and passes the rest to the others (`layer_tokens`)."""
 
     num_layers: int = 1
     beta: float = 20.0
@@ -259,14 +287,36 @@ class PyramidKV(SnapKV):
         hi = 2.0 - lo
         return hi - layer * (hi - lo) / (self.num_layers - 1)
 
-    def n_max(self, layer: int, t: int) -> int:
-        mean = super().n_max(layer, t)
-        return min(t, self.window + int(round((mean - self.window) * self._fraction(layer))))
+    def layer_tokens(self, t: int, mean: float) -> Tuple[float, ...]:
+        """Tokens per head of every layer: window + (mean - window) * fraction(l), capped at the
+        prompt; what a capped layer cannot use goes to the uncapped ones in proportion to their
+        fractions, so the layers keep `mean` on average whenever that fits."""
+        c = max(mean - self.window, 0.0)
+        share = [self._fraction(i) for i in range(self.num_layers)]
+        alloc = [0.0] * self.num_layers
+        room = float(t - self.window)
+        free, left = set(range(self.num_layers)), c * self.num_layers
+        while free and left > 1e-9:
+            weight = sum(share[i] for i in free)
+            capped = set()
+            for i in free:
+                alloc[i] += left * share[i] / weight
+                if alloc[i] >= room:
+                    capped.add(i)
+            left = sum(alloc[i] - room for i in capped)
+            for i in capped:
+                alloc[i] = room
+            free -= capped
+            if not capped:
+                break
+        return tuple(self.window + a for a in alloc)
 
-    def n_keep(self, layer: int, lengths, t: int) -> jax.Array:
-        mean = per_row_keep(self.budget, lengths, self.window)
-        extra = jnp.round((mean - self.window) * self._fraction(layer)).astype(jnp.int32)
-        return jnp.minimum(self.window + jnp.maximum(extra, 0), lengths.astype(jnp.int32))
+    def n_max(self, layer: int, t: int, mean: float) -> int:
+        super().n_max(layer, t, mean)  # the mean itself must hold the window
+        return min(t, int(math.floor(self.layer_tokens(t, mean)[layer] + 1e-9)))
+
+    def n_keep(self, layer: int, lengths, t: int, mean: float) -> jax.Array:
+        return per_row_keep(self.n_max(layer, t, mean) / t, lengths, self.window)
 
 
 @dataclasses.dataclass(frozen=True)

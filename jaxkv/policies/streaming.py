@@ -6,7 +6,10 @@ Sizing by budget: the full cache holds T slots per sequence and head (T = prompt
 tokens, the capacity `generate` allocates); StreamingLLM holds sink + window. For a budget b
 (fraction of the full cache's bytes):
 
-    window = max(1, round(b * T) - sink)
+    window = max(1, floor(b * T) - sink)
+
+(floor: the cache never holds more than b of the bytes; the int32 token counts of both caches
+cancel).
 
 `StreamingLLM.for_budget(b, T, sink)` does this for a given average T. Without T
 (`StreamingLLM(sink, budget=b)`) the window is computed at compression time from the real
@@ -16,7 +19,10 @@ capacity of the cache being compressed (padded prompt + decode room), which is e
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
+
+import jax.numpy as jnp
 
 from jaxkv.cache.streaming import SinkWindowCache
 from jaxkv.policies.base import Policy, check_budget
@@ -29,15 +35,21 @@ def _check_int(name: str, value, minimum: int) -> int:
     return value
 
 
-def window_for_budget(budget: float, prompt_len: int, sink: int) -> int:
-    """Recent-window size so that sink + window = budget * prompt_len slots. A budget that cannot
-    hold the sink and one recent token is a ValueError (the cache would exceed the budget)."""
+def window_for_budget(budget: float, prompt_len: int, sink: int, slot_bytes: int = 0) -> int:
+    """Recent-window size so that sink + window = floor(budget * prompt_len) slots, or, given
+    `slot_bytes` (K and V bytes of one slot over all heads of a sequence), the most slots whose
+    bytes and int32 token count fit in budget x (prompt_len slots and an int32 length). A budget
+    that cannot hold the sink and one recent token is a ValueError (the cache would exceed it)."""
     budget = check_budget(budget)
     _check_int("prompt_len", prompt_len, 1)
     _check_int("sink", sink, 0)
-    window = int(round(budget * prompt_len)) - sink
+    if slot_bytes:
+        slots = int(math.floor((budget * (prompt_len * slot_bytes + 4) - 4) / slot_bytes + 1e-9))
+    else:
+        slots = int(math.floor(budget * prompt_len + 1e-9))
+    window = slots - sink
     if window < 1 and sink + 1 < prompt_len:
-        raise ValueError(f"budget={budget}: {round(budget * prompt_len)} of {prompt_len} cache "
+        raise ValueError(f"budget={budget}: {max(slots, 0)} of {prompt_len} cache "
                          f"slots cannot hold sink={sink} plus one recent token; StreamingLLM "
                          f"needs budget >= {(sink + 1) / prompt_len:.4g} here (or a smaller sink)")
     return max(1, window)
@@ -82,18 +94,20 @@ class StreamingLLM(Policy):
                 raise ValueError(f"{name}={value}: larger than the model's context "
                                  f"max_position_embeddings={limit}")
 
-    def window_for_capacity(self, capacity: int) -> int:
+    def window_for_capacity(self, capacity: int, slot_bytes: int = 0) -> int:
         return self.window if self.window is not None else \
-            window_for_budget(self.budget, capacity, self.sink)
+            window_for_budget(self.budget, capacity, self.sink, slot_bytes)
 
     def compress_layer(self, layer, cache, obs):
-        window = self.window_for_capacity(cache.capacity + obs.extra_capacity)
+        b, kh, _, d = cache.k.shape
+        slot_bytes = kh * 2 * d * jnp.dtype(cache.k.dtype).itemsize
+        window = self.window_for_capacity(cache.capacity + obs.extra_capacity, slot_bytes)
         return SinkWindowCache.from_dense(cache, self.sink, window, obs.extra_capacity)
 
 
 @register_method("streaming")
 def _streaming(budget: float, model, sink: int = 4, prompt_len: Optional[int] = None):
-    """StreamingLLM at `budget`: window = max(1, round(budget * prompt_len) - sink).
+    """StreamingLLM at `budget`: window = max(1, floor(budget * prompt_len) - sink).
 
     prompt_len: slots per sequence of the full cache (prompt + generated tokens); when omitted
     the window is sized at compression time from the real capacity (see module docstring)."""

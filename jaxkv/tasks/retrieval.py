@@ -402,8 +402,7 @@ class InductionCopy(Task):
     source, copy the word after it; the chunk order is random, so no fixed offset finds it),
     and so does each next cue (the word after the last cue in the cue list). Every key-matching
     task needs this look-up, where it is supervised once per example; here it is most target
-    tokens. A small model trained on the task mixture sits on a long plateau before it forms
-    (`benchmarks/induction_plateau.py`)."""
+    tokens. A small model trained on the task mixture sits on a long plateau before it forms."""
 
     name: ClassVar[str] = "induction_copy"
     family: ClassVar[str] = "retrieval"
