@@ -13,7 +13,7 @@ from jaxkv.policies.rd_alloc import (BitCost, allocate_bits, allocate_channel_bi
 
 SETTINGS = settings(max_examples=40, deadline=None)
 CHOICES = (0, 2, 4, 8, 16)
-EPS_V = {2: 0.313, 4: 0.0140, 8: 4.9e-5}       # Llama-3.1-8B V (METHODS.md); eps(0)=1, eps(16)=0
+EPS_V = {2: 0.313, 4: 0.0140, 8: 4.9e-5}  # Llama-3.1-8B V (docs/methods.md); eps(0)=1, eps(16)=0
 EPS_K = {2: 0.149, 4: 0.0062, 8: 2.2e-5}
 TOKEN_COST = BitCost(16, 64, unquantized_overhead_bits=32)  # D=16: 16b + scale/zp 32 + index 32
 

@@ -2,7 +2,7 @@
 
     python -m train rlkv --config configs/rlkv/tiny.py --out runs/rlkv_tiny [--max-steps N]
 
-The recipe (METHODS.md section 1, arXiv 2510.08525), as implemented here:
+The recipe (docs/methods.md, RLKV, arXiv 2510.08525), as implemented here:
 
 Gates. `alpha[l, k]`, one raw scalar per layer and KV head, initialised to 1, clipped into [0, 1]
 after every optimiser step. Only the gates train: the model parameters are arguments of the jitted

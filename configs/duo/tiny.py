@@ -2,7 +2,7 @@
 
     python -m train duo --config configs/duo/tiny.py --out runs/duo_tiny
 
-From DuoAttention (as METHODS.md gives it): gates initialised to 1 and clipped into [0, 1], loss =
+From DuoAttention (docs/methods.md): gates initialised to 1 and clipped into [0, 1], loss =
 MSE of the final hidden states at the answer positions + 0.05 * mean|alpha|, AdamW lr 0.02, no
 weight decay, synthetic multi-key needle / passkey retrieval data.
 

@@ -2,7 +2,7 @@
 
     python -m train rlkv --config configs/rlkv/llama31_8b_r1.py --out runs/rlkv_llama8b
 
-Published (arXiv 2510.08525; METHODS.md section 1): group size 4, 32 prompts per step,
+Published (arXiv 2510.08525; docs/methods.md, RLKV): group size 4, 32 prompts per step,
 temperature 1.0, eps_clip 0.4, beta 1e-3, tau 0.5, AdamW lr 1e-2 constant, weight decay 0.017,
 betas (0.9, 0.999), grad-norm clip 1.0, 185 steps (2 epochs over 3,000 self-distilled problems),
 training window sink 128 + recent 256 tokens (the paper counts them in 128-token blocks: 1 + 2

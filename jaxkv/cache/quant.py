@@ -1,5 +1,5 @@
 """Uniform asymmetric round-to-nearest (RTN) quantisation at 2, 4 and 8 bits, bit packing, and
-the per-model distortion table `eps(b)` that RDKV's bit allocation reads (METHODS.md section 3).
+the per-model distortion table `eps(b)` that RDKV's bit allocation reads (docs/methods.md, RDKV).
 
 Quantiser. Along `axis` (the reduction axis) each slice gets a float16 zero-point and scale:
 

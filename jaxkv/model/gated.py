@@ -1,4 +1,4 @@
-"""Gated mixed attention: the trainable module of RLKV and DuoAttention (METHODS.md section 1).
+"""Gated mixed attention: the trainable module of RLKV and DuoAttention (docs/methods.md, RLKV).
 
 Each KV head (l, k) has a raw scalar gate `alpha = gates[l, k]` in [0, 1] (no sigmoid), shared by
 the G query heads of its group. The head's attention output is

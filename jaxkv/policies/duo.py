@@ -1,7 +1,7 @@
 """DuoAttention (Xiao et al., 2024): the same head-split deployment as RLKV (gates [layers,
 kv_heads], global quantile, full heads + sink/window streaming heads); only the gates differ,
 trained by distillation on synthetic retrieval instead of RL (`python -m train duo`).
-See METHODS.md section 1 and `jaxkv.policies.rlkv` for selection, budgets and gate files.
+See docs/methods.md, RLKV and `jaxkv.policies.rlkv` for selection, budgets and gate files.
 """
 from __future__ import annotations
 

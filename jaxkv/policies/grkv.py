@@ -1,4 +1,4 @@
-"""GRKV: global ridge-regression merging after span retention (METHODS.md section 2).
+"""GRKV: global ridge-regression merging after span retention (docs/methods.md, GRKV).
 
 Retention is Critical-AdaKV (SnapKV scores pooled into spans, head-wise budgets with safeguard,
 value-norm re-scoring). Then, per layer, sequence and KV head, the kept keys and values are

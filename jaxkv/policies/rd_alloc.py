@@ -1,4 +1,4 @@
-"""RDKV's rate-distortion bit allocation (METHODS.md section 3): reverse water-filling by one
+"""RDKV's rate-distortion bit allocation (docs/methods.md, RDKV): reverse water-filling by one
 Lagrangian solve per (layer, KV head).
 
 Every item (a token for V, a channel for K) gets a bit width b from `choices` (0 evicts, 16 keeps

@@ -1,5 +1,5 @@
-"""RDKV: rate-distortion bit allocation that unifies eviction and quantisation (METHODS.md
-section 3), stored in a `jaxkv.cache.MixedCache`.
+"""RDKV: rate-distortion bit allocation that unifies eviction and quantisation (docs/methods.md,
+RDKV), stored in a `jaxkv.cache.MixedCache`.
 
 Per layer, right after prefill (`compress_layer`, so only one layer's dense cache ever exists):
 
@@ -68,7 +68,7 @@ from jaxkv.policies.registry import register_method
 from jaxkv.policies.snapkv import avg_pool, window_attention
 from pallas_kernels.mixed_decode import record_bytes
 
-#: Llama-3.1-8B, METHODS.md section 3 (normalised MSE of RTN at 2 / 4 / 8 bits).
+#: Llama-3.1-8B, docs/methods.md, RDKV (normalised MSE of RTN at 2 / 4 / 8 bits).
 DEFAULT_EPS = {"k": {2: 0.149, 4: 0.0062, 8: 2.2e-5}, "v": {2: 0.313, 4: 0.0140, 8: 4.9e-5}}
 EPS_FILE = "rdkv_eps.json"
 

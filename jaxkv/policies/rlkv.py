@@ -1,5 +1,5 @@
 """RLKV deployment: reasoning-critical KV heads (learned gates) keep the full cache, the others a
-constant-size streaming cache (sink + recent window). See METHODS.md section 1.
+constant-size streaming cache (sink + recent window). See docs/methods.md, RLKV.
 
 Gates: `alpha[l, h]` in [0, 1], shape [layers, kv_heads] (the G query heads of a group share it).
 
