@@ -149,7 +149,7 @@ def _is_token_id(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
-def _as_token_lists(model: Model, prompts) -> List[List[int]]:
+def as_token_lists(model: Model, prompts) -> List[List[int]]:
     """prompts: a string, a conversation ([{"role", "content"}, ...]), a list of token ids, a 1-D
     or 2-D integer array (rows = prompts), or a list mixing strings, conversations and id lists.
     Strings are encoded with the model's tokenizer (its BOS included), conversations rendered by
@@ -227,7 +227,7 @@ def generate(model: Model, prompts, max_new_tokens: int, policy: Any = None,
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p}: must lie in (0, 1]")
     key = rng_key(seed)
-    token_lists = _as_token_lists(model, prompts)
+    token_lists = as_token_lists(model, prompts)
     limit = cfg.max_position_embeddings
     for i, ids in enumerate(token_lists):
         if (policy is not None and cfg.sliding_window is not None
@@ -443,7 +443,7 @@ def generate_shared(model: Model, prompts, max_new_tokens: int, policies: Sequen
         if leaves:
             raise ValueError(f"policies[{i}]: a pytree policy ({type(p).__name__}) is traced by "
                              f"`generate`; give it to `generate` itself")
-    token_lists = _as_token_lists(model, prompts)
+    token_lists = as_token_lists(model, prompts)
     for i, ids in enumerate(token_lists):
         if len(ids) + max_new_tokens > cfg.max_position_embeddings:
             raise ValueError(f"prompts[{i}] has {len(ids)} tokens; with max_new_tokens="

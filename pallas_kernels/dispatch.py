@@ -70,10 +70,14 @@ def kernel_mode() -> str:
     return "reference"
 
 
-def dense_decode_attention(q, k, v, lengths, *, scale: float):
+def dense_decode_attention(q, k, v, lengths, *, scale: float, window: Optional[int] = None):
     """q: [B, H, D]; k, v: [B, K, S, D]; lengths: [B] -> [B, H, D].
     Kernels: pallas_kernels.dense_decode (TPU, Mosaic) and pallas_kernels.dense_decode_gpu
-    (Mosaic GPU: 16-bit caches, head dim a multiple of 64; other shapes run the reference)."""
+    (Mosaic GPU: 16-bit caches, head dim a multiple of 64; other shapes run the reference).
+    window: a sliding-window model's span (the last `window` slots): the reference, which the
+    kernels do not cover."""
+    if window is not None:
+        return dense_decode_attention_reference(q, k, v, lengths, scale, window=window)
     mode = kernel_mode()
     if mode == "gpu":
         from pallas_kernels.dense_decode_gpu import dense_decode_attention_gpu, gpu_kernel_supported
@@ -191,8 +195,8 @@ def mixed_prefill_attention(alpha, q, k, v, positions, prompt_lengths, *, sink: 
     """Mixed full + streaming causal prefill attention (RLKV / DuoAttention gate training):
     alpha [K]; q [B, T, H, D]; k, v [B, T, K, D]; positions [B, T] (arange(T) in every row for
     the kernel); prompt_lengths [B] or None -> [B, T, H, D]; differentiable in alpha, q, k, v.
-    Kernel: pallas_kernels.mixed_prefill (TPU; "gpu" and "reference" run the jnp math of
-    jaxkv.model.gated._mixed_attention). block_q, block_k: None for the kernel's defaults."""
+    Kernel: pallas_kernels.mixed_prefill (TPU; "gpu" and "reference" run its jnp reference,
+    `mixed_prefill_attention_reference`). block_q, block_k: None for the kernel's defaults."""
     from pallas_kernels import mixed_prefill
     mode = kernel_mode()
     if mode not in ("tpu", "interpret"):
@@ -204,3 +208,12 @@ def mixed_prefill_attention(alpha, q, k, v, positions, prompt_lengths, *, sink: 
     return mixed_prefill.mixed_prefill_attention(
         alpha, q, k, v, positions, prompt_lengths, sink=sink, window=window, **blocks,
         interpret=pltpu.InterpretParams() if mode == "interpret" else False)
+
+
+def mixed_prefill_attention_reference(alpha, q, k, v, positions, prompt_lengths, *, sink: int,
+                                      window: int):
+    """The jnp math of `mixed_prefill_attention` in every kernel mode (what gate training runs
+    off TPU: any positions, rematerialisable with jax.checkpoint)."""
+    from pallas_kernels import mixed_prefill
+    return mixed_prefill.mixed_prefill_attention_reference(alpha, q, k, v, positions,
+                                                           prompt_lengths, sink, window)

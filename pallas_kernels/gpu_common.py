@@ -30,7 +30,7 @@ operands, float32 accumulation):
 Interpret mode (`interpret=True`, CPU tests) runs the same kernels in Pallas' Mosaic GPU
 interpreter (jax >= 0.10, `InterpretGPUParams(uninitialized_memory="nan")`: shared memory, TMA,
 barriers and the pipeline are simulated; outputs never written stay NaN). jax 0.10.2's
-interpreter lacks a few things the compiled path uses, replaced under interpret=True by `_Ops`:
+interpreter lacks a few things the compiled path uses, replaced under interpret=True by `Ops`:
   - `plgpu.layout_cast`, `plgpu.load(..., layout=...)`, `plgpu.broadcasted_iota(..., layout=)`
     (register layouts are compile-time annotations; no CPU rule): plain values / `ref[...]`;
   - a reshaped shared-memory view (`ref.reshape(...)`: "Unsupported transform:
@@ -115,7 +115,7 @@ def split_share(blocks, pi, splits: int):
     return first, jnp.clip(blocks - first, 0, per)
 
 
-class _Ops:
+class Ops:
     """Register-level operations that differ between compiled Mosaic GPU and the interpreter
     (see the module docstring)."""
 
@@ -156,7 +156,7 @@ class _Ops:
                           optimized=False)
 
 
-def _layouts():
+def layouts():
     from jax.experimental.pallas import mosaic_gpu as plgpu
     wg = plgpu.Layout.WGMMA
     return wg, wg.reduce(1), wg.reduce(0)  # [M, N] tiles, their rows [M], their columns [N]
@@ -245,8 +245,8 @@ def segment_partials(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
     dtype = k.dtype
     transforms = swizzled(d, dtype)
     qk_scale = float(scale) * LOG2E  # softmax in base 2: exp(x) = exp2(x * log2(e))
-    ops = _Ops(interpret)
-    wg, row, _ = _layouts()
+    ops = Ops(interpret)
+    wg, row, _ = layouts()
 
     qg = q.reshape(b, kh, g, d)
     qg = jnp.pad(qg, [(0, 0), (0, 0), (0, gp - g), (0, 0)])  # [B, K, Gp, D] (zero rows)

@@ -33,7 +33,7 @@ def ring_valid(counts: jax.Array, sink: int, window: int) -> jax.Array:
     return jnp.concatenate([sink_ok, ring_ok], axis=1)
 
 
-def _check_ring_slots(slots: int, sink: int, window: int) -> None:
+def check_ring_slots(slots: int, sink: int, window: int) -> None:
     if sink < 0 or window < 0 or slots != sink + window:
         raise ValueError(f"k has {slots} slots; a sink={sink} + window={window} cache needs "
                          f"{sink + window}")
@@ -47,7 +47,7 @@ def sink_window_decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Ar
     Softmax in float32 over the valid slots; a sequence with no valid slot gets zeros."""
     b, h, d = q.shape
     kh = k.shape[1]
-    _check_ring_slots(k.shape[2], sink, window)
+    check_ring_slots(k.shape[2], sink, window)
     qg = q.reshape(b, kh, h // kh, d).astype(jnp.float32)  # [B, K, G, D]
     scores = jnp.einsum("BKGD,BKSD->BKGS", qg, k.astype(jnp.float32)) * scale
     valid = ring_valid(counts, sink, window)[:, None, None, :]  # [B, 1, 1, S]
@@ -78,7 +78,7 @@ def sink_window_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, count
     """
     check_decode_shapes(q, k, v, counts)
     s = k.shape[2]
-    _check_ring_slots(s, sink, window)
+    check_ring_slots(s, sink, window)
     if s == 0:
         return jnp.zeros(q.shape, q.dtype)
     return prefix_decode_call(q, k, v, counts, scale=scale, block=s, interpret=interpret,
@@ -101,14 +101,14 @@ def headsplit_decode_attention_reference(
     full_heads, stream_heads: static KV-head indices of each part (disjoint, together 0..K-1)
     -> out [B, H, D] in q's dtype, query heads in their original order.
     """
-    return _split_heads(
+    return split_heads(
         q, full_heads, stream_heads,
         lambda qq: dense_decode_attention_reference(qq, full_k, full_v, full_lengths, scale),
         lambda qq: sink_window_decode_attention_reference(qq, stream_k, stream_v, stream_counts,
                                                           sink, window, scale))
 
 
-def _split_heads(q: jax.Array, full_heads: Sequence[int], stream_heads: Sequence[int],
+def split_heads(q: jax.Array, full_heads: Sequence[int], stream_heads: Sequence[int],
                  run_full: Callable[[jax.Array], jax.Array],
                  run_stream: Callable[[jax.Array], jax.Array]) -> jax.Array:
     """Check the head split, run each part on its query heads and put them back in order.
@@ -151,7 +151,7 @@ def headsplit_decode_attention(
     result): the dense kernel (blocks of `block_size` slots) on the full heads and the sink +
     window kernel on the streaming heads, two launches, query heads reassembled in order.
     interpret: False (Mosaic TPU), True or a `pltpu.InterpretParams`. poison: tests only."""
-    return _split_heads(
+    return split_heads(
         q, full_heads, stream_heads,
         lambda qq: dense_decode_attention(qq, full_k, full_v, full_lengths, scale=scale,
                                           block_size=block_size, interpret=interpret,

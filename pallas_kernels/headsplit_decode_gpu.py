@@ -8,7 +8,7 @@ per-sequence lengths: the full heads with `full_lengths`, the streaming heads wi
 min(stream_counts, sink + window). Each part runs the dense Mosaic GPU kernel
 (`dense_decode_gpu`, split-K over the "rows" orientation of `gpu_common.segment_partials`, WGMMA
 for Q K^T and P V) on its own query heads, two launches, and the query heads are put back in
-their original order (`headsplit_decode._split_heads`, shared with the TPU version). A streaming
+their original order (`headsplit_decode.split_heads`, shared with the TPU version). A streaming
 cache shorter than one block (sink + window < block_kv) is padded to one block (a copy smaller
 than one block per head).
 
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.dense_decode_gpu import dense_decode_attention_gpu, gpu_kernel_supported
-from pallas_kernels.headsplit_decode import _check_ring_slots, _split_heads
+from pallas_kernels.headsplit_decode import check_ring_slots, split_heads
 
 
 def headsplit_gpu_supported(q: jax.Array, full_k: Optional[jax.Array],
@@ -82,11 +82,11 @@ def headsplit_decode_attention_gpu(
                                           num_splits=splits, interpret=interpret)
 
     def run_stream(qq):
-        _check_ring_slots(stream_k.shape[2], sink, window)
+        check_ring_slots(stream_k.shape[2], sink, window)
         if stream_k.shape[2] == 0:
             return jnp.zeros(qq.shape, qq.dtype)
         lengths = jnp.minimum(stream_counts.astype(jnp.int32), sink + window)
         return run(qq, stream_k, stream_v, lengths)
 
-    return _split_heads(q, full_heads, stream_heads,
+    return split_heads(q, full_heads, stream_heads,
                         lambda qq: run(qq, full_k, full_v, full_lengths), run_stream)

@@ -7,8 +7,8 @@ Per KV head h with gate alpha[h] (shared by the G query heads of its group), for
 softmax_full is causal; softmax_stream sees only the first `sink` positions and the last `window`
 positions up to the query (`jaxkv.model.layers.streaming_mask`), and, when `prompt_lengths` is
 given, a query inside its prompt (position < prompt_lengths[b]) attends in full in the streaming
-branch too. The reference is the jnp math of `jaxkv.model.gated._mixed_attention` (imported, not
-copied): `mixed_prefill_attention_reference`.
+branch too. The reference is `mixed_prefill_attention_reference` (plain jnp; the mixing of the two
+softmaxes is `jaxkv.cache.gated.mix_softmax`, which the gated decode cache uses too).
 
 Kernel (Pallas TPU, Mosaic). Layout inside: q [B, K, G, T, D], k, v [B, K, T, D] (the wrapper
 transposes the model's [B, T, H, D] / [B, T, K, D]: one pass over q, k, v, small next to the
@@ -67,6 +67,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxkv.cache.gated import check_streaming, mix_softmax  # the mixing math (jaxkv.cache)
+
 NEG_INF = -1e30
 STATS = 128  # lanes of the per-row statistics arrays (lane 0/1: lse full/stream; 2/3: deltas)
 DEFAULT_BLOCK_Q = 128  # query positions per tile: the tile has G * block_q rows
@@ -78,14 +80,25 @@ def mixed_prefill_attention_reference(alpha: jax.Array, q: jax.Array, k: jax.Arr
                                       v: jax.Array, positions: jax.Array,
                                       prompt_lengths: Optional[jax.Array], sink: int,
                                       window: int) -> jax.Array:
-    """The jnp math of `jaxkv.model.gated._mixed_attention` (differentiable in everything).
+    """The jnp math (differentiable in everything): both branches from one float32 score
+    matrix, their softmaxes mixed per KV head by `jaxkv.cache.gated.mix_softmax`.
 
     alpha: [K]; q: [B, T, H, D]; k, v: [B, T, K, D]; positions: [B, T]; prompt_lengths: [B]
     or None -> [B, T, H, D] in q's dtype."""
-    from jaxkv.model.gated import _mixed_attention, check_streaming
     sink, window = check_streaming(sink, window)
-    lengths = None if prompt_lengths is None else jnp.asarray(prompt_lengths)
-    return _mixed_attention(alpha, q, k, v, positions, lengths, sink, window)
+    b, t, h, d = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, h // kh, d).astype(jnp.float32)  # [B, T, K, G, D]
+    scores = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k.astype(jnp.float32)) * d ** -0.5
+    qp, kp = positions[:, :, None], positions[:, None, :]
+    full = kp <= qp  # [B, T, S] causal
+    stream = full & ((qp - kp < window) | (kp < sink))
+    if prompt_lengths is not None:
+        in_prompt = positions < jnp.asarray(prompt_lengths)[:, None]  # [B, T]
+        stream = stream | (full & in_prompt[:, :, None])
+    probs = mix_softmax(scores, full[:, None, None], stream[:, None, None], alpha)
+    out = jnp.einsum("BKGTS,BSKD->BTKGD", probs, v.astype(jnp.float32))
+    return out.reshape(b, t, h, d).astype(q.dtype)
 
 
 # ---- kernel helpers ------------------------------------------------------------------------------
@@ -573,7 +586,6 @@ def _check_inputs(alpha, q, k, v, positions, prompt_lengths) -> None:
 
 
 def _config(t: int, dtype, *, sink, window, block_q, block_k, interpret, poison, d) -> _Config:
-    from jaxkv.model.gated import check_streaming
     sink, window = check_streaming(sink, window)
     tile = _sublane_multiple(dtype)
     for name, val in (("block_q", block_q), ("block_k", block_k)):
@@ -649,7 +661,6 @@ def mixed_prefill_attention_fn(gates, sink: int, window: int, prompt_lengths=Non
       elsewhere); False / True / `pltpu.InterpretParams`: always this kernel, compiled or
       interpreted. The model's positions must be arange(T) per row (Decoder.forward's).
     """
-    from jaxkv.model.gated import check_streaming
     sink, window = check_streaming(sink, window)
     if getattr(gates, "ndim", None) != 2:
         raise ValueError(f"gates: expected shape [layers, kv_heads], got "

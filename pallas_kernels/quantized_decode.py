@@ -32,17 +32,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxkv.cache.quant import unpack_codes  # the code format (jaxkv.cache)
 from pallas_kernels.dense_decode import NEG_INF
-
-
-def unpack_codes(codes: jax.Array, bits: int, d: int) -> jax.Array:
-    """Packed uint8 [..., d * bits / 8] -> uint8 [..., d]; int8 codes are returned as they are."""
-    if codes.dtype == jnp.int8 or bits == 8:
-        return codes
-    per = 8 // bits
-    shifts = (jnp.arange(per, dtype=jnp.uint8) * bits).astype(jnp.uint8)
-    out = (codes[..., None] >> shifts) & jnp.uint8(2 ** bits - 1)
-    return out.reshape(codes.shape[:-1] + (codes.shape[-1] * per,))[..., :d]
 
 
 def _grouped_scores(qg, codes, k_scale, k_zero, kg: int):
@@ -393,7 +384,7 @@ def _quant_kernel(qlen_ref, wlen_ref, *refs, plan: _Plan, names):
         r["out"][...] = (out / jnp.maximum(l_ref[...], 1e-30)).astype(r["out"].dtype)
 
 
-def _packing(codes: jax.Array, bits: int, d: int, name: str) -> int:
+def packing(codes: jax.Array, bits: int, d: int, name: str) -> int:
     """Codes per byte of a codes array (1: int8 / 8-bit codes), checking its last axis."""
     if codes.dtype == jnp.int8 or bits == 8:
         per, width = 1, d
@@ -461,8 +452,8 @@ def quantized_decode_attention(q: jax.Array, k_codes: jax.Array, k_scale: jax.Ar
     if block_size < 1 or (whole_block_size is not None and whole_block_size < 1):
         raise ValueError(f"block_size={block_size}, whole_block_size={whole_block_size}: must "
                          f"be positive")
-    per_k = _packing(k_codes, k_bits, d, "k_codes")
-    per_v = _packing(v_codes, v_bits, d, "v_codes")
+    per_k = packing(k_codes, k_bits, d, "k_codes")
+    per_v = packing(v_codes, v_bits, d, "v_codes")
     nv = v_scale.shape[-1]
     if v_scale.shape != (b, kh, n, nv) or d % nv or \
             (v_zero is not None and v_zero.shape != v_scale.shape):

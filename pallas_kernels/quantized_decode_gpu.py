@@ -82,12 +82,12 @@ from jax import lax
 
 from pallas_kernels.dense_decode_gpu import dense_decode_partials, gpu_kernel_supported
 from pallas_kernels.gpu_common import (COLUMN_SWIZZLE, COLUMN_TILE, LOG2E, NEG_INF, WGMMA_ROWS,
-                                       _layouts, _Ops, check_16bit, column_finish,
+                                       layouts, Ops, check_16bit, column_finish,
                                        column_group_pad, column_softmax_step,
                                        default_num_splits, interpret_params, merge_partials,
                                        score_product, split_16bit, split_share, swizzled,
                                        unpermute_partials, value_product)
-from pallas_kernels.quantized_decode import _packing
+from pallas_kernels.quantized_decode import packing
 
 BLOCK = 64  # slots per block (WGMMA's M)
 SMEM_LIMIT = 200 * 1024  # bytes of shared memory a launch may plan for (227 KiB on an H100)
@@ -172,8 +172,8 @@ def codes_partials(plan: CodePlan, inputs: Dict[str, jax.Array], *, interpret: b
     gq, bk, d = column_group_pad(p.g), BLOCK, p.d
     cw = len(p.k_subs) * p.k_width  # columns of K_hat
     dtype = jnp.dtype(p.dtype)
-    ops = _Ops(interpret)
-    wg, row, col = _layouts()
+    ops = Ops(interpret)
+    wg, row, col = layouts()
     tr = swizzled(COLUMN_TILE, dtype, COLUMN_SWIZZLE)  # every WGMMA operand of this kernel
     qk_scale = p.scale * LOG2E
     names = list(inputs)
@@ -384,8 +384,8 @@ def quantized_gpu_supported(q: jax.Array, k_codes: jax.Array, k_scale: jax.Array
     if h // kh > WGMMA_ROWS:
         return f"group size G={h // kh}: at most {WGMMA_ROWS} query heads per KV head"
     try:
-        per_k = _packing(k_codes, k_bits, d, "k_codes")
-        per_v = _packing(v_codes, v_bits, d, "v_codes")
+        per_k = packing(k_codes, k_bits, d, "k_codes")
+        per_v = packing(v_codes, v_bits, d, "v_codes")
     except ValueError as e:
         return str(e)
     nv = v_scale.shape[-1]
@@ -479,8 +479,8 @@ def quantized_decode_attention_gpu(q: jax.Array, k_codes: jax.Array, k_scale: ja
 
     parts = []
     if n:
-        per_k = _packing(k_codes, k_bits, d, "k_codes")
-        per_v = _packing(v_codes, v_bits, d, "v_codes")
+        per_k = packing(k_codes, k_bits, d, "k_codes")
+        per_v = packing(v_codes, v_bits, d, "v_codes")
         gq = column_group_pad(g)
         n_pad = max(n, BLOCK)
 

@@ -104,7 +104,7 @@ def _sublane_multiple(dtype) -> int:
     return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
 
 
-def _segments(heads: jax.Array, num_kv_heads: int):
+def segments(heads: jax.Array, num_kv_heads: int):
     """heads [B, N] -> (start, count) [B, K] int32: the slots of KV head h are
     [start[b, h], start[b, h] + count[b, h]) (start 0 for a head with no slot)."""
     n = heads.shape[1]
@@ -223,7 +223,7 @@ def _sparse_kernel(new_len_ref, start_ref, count_ref, meta_ref, kblk_ref, dblk_r
         o_ref[...] = (acc_ref[...] / jnp.maximum(l_ref[...], 1e-30)).astype(o_ref.dtype)
 
 
-def _check_shapes(q, k, v, heads, new_k, new_v, new_lengths) -> None:
+def check_sparse_shapes(q, k, v, heads, new_k, new_v, new_lengths) -> None:
     if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape:
         raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}: expected q [B, H, D] and "
                          f"k, v [B, N, D] of one shape")
@@ -260,7 +260,7 @@ def sparse_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: jax
     interpret: False (Mosaic TPU), True or a `pltpu.InterpretParams` (CPU interpret mode).
     poison: tests only; pre-fill the output with NaN (aliased) so unwritten tiles show.
     """
-    _check_shapes(q, k, v, heads, new_k, new_v, new_lengths)
+    check_sparse_shapes(q, k, v, heads, new_k, new_v, new_lengths)
     b, h, d = q.shape
     n = k.shape[1]
     kh, e = new_k.shape[1], new_k.shape[2]
@@ -287,7 +287,7 @@ def sparse_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: jax
     # empty head takes at most one step; each head takes <= n_decode decode steps.
     num_steps = pl.cdiv(n, block) + kh - 1 + kh * n_decode
     new_len = jnp.clip(new_lengths.astype(jnp.int32), 0, e)  # [B]
-    start, count = _segments(heads, kh)  # [B, K]
+    start, count = segments(heads, kh)  # [B, K]
     head, k_block, d_block, flags = _schedule(start, count, new_len, block=block,
                                               decode_block=decode_block, num_steps=num_steps)
     meta = (head << _HEAD_SHIFT) | flags  # [B, T]

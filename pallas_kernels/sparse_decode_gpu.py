@@ -10,7 +10,7 @@ Design: two launches of the split-K "rows" kernel of `gpu_common.segment_partial
 Q K^T and P V, TMA-pipelined blocks, online softmax), their partials merged by one log-sum-exp
 combine:
 - the ragged prompt part: the wrapper turns `heads` into per-(sequence, head) segments
-  [start, start + count) (`sparse_decode._segments`, a [B, N, K] integer reduction: SparseCache
+  [start, start + count) (`sparse_decode.segments`, a [B, N, K] integer reduction: SparseCache
   stores no offsets) and each CTA (b, h, p) reads only its share of head h's segment of the
   shared slot axis k[b], v[b]: blocks fetched at element offsets start + j * BK (TMA boxes at any
   row offset, clamped to N - BK at the end), slots of the neighbouring heads, padding and the
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.dense_decode_gpu import dense_decode_partials, gpu_kernel_supported
 from pallas_kernels.gpu_common import merge_partials, segment_partials
-from pallas_kernels.sparse_decode import _check_shapes, _segments
+from pallas_kernels.sparse_decode import check_sparse_shapes, segments
 
 
 def sparse_gpu_supported(q: jax.Array, k: jax.Array, new_k: jax.Array,
@@ -60,7 +60,7 @@ def sparse_decode_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, heads:
     block_kv: slots per block (multiple of 64); num_splits: CTAs per (sequence, KV head) for each
     part (None: enough to fill an H100; capped at each part's block count); interpret: run in
     Pallas' Mosaic GPU interpreter (CPU tests)."""
-    _check_shapes(q, k, v, heads, new_k, new_v, new_lengths)
+    check_sparse_shapes(q, k, v, heads, new_k, new_v, new_lengths)
     reason = sparse_gpu_supported(q, k, new_k, block_kv)
     if reason is not None:
         raise ValueError(reason)
@@ -74,7 +74,7 @@ def sparse_decode_attention_gpu(q: jax.Array, k: jax.Array, v: jax.Array, heads:
 
     parts = []
     if n:
-        start, count = _segments(heads, kh)  # [B, K] each
+        start, count = segments(heads, kh)  # [B, K] each
         parts.append(segment_partials(q, k, v, start, count, scale, block_kv=block_kv,
                                       num_splits=splits_for(n), max_concurrent_steps=2,
                                       interpret=interpret))

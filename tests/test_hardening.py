@@ -1,6 +1,5 @@
 """Bad and edge inputs to the public API: each is refused with a ValueError naming the argument,
 or does what a reference computes; nothing is silently wrong (the hardening issue's list)."""
-import json
 
 import jax
 import jax.numpy as jnp

@@ -13,7 +13,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jaxkv.cache import SparseCache
 from pallas_kernels import dispatch
-from pallas_kernels.sparse_decode import (NEG_INF, _schedule, _segments, sparse_decode_attention,
+from pallas_kernels.sparse_decode import (NEG_INF, _schedule, segments, sparse_decode_attention,
                                           sparse_decode_attention_reference)
 from tests.helpers import assert_close
 
@@ -101,7 +101,7 @@ def test_schedule_reads_each_valid_block_once_and_fits_the_static_bound(kh, n, b
 
     @jax.jit
     def schedule(heads, new_len):
-        start, count = _segments(heads, kh)
+        start, count = segments(heads, kh)
         return (start, count) + _schedule(start, count, new_len, block=block,
                                           decode_block=decode_block, num_steps=num_steps)
     start, count, head, k_blk, d_blk, flags = (

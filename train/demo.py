@@ -12,9 +12,9 @@ DEFAULT_N_TINY = 100
 
 
 def run_demo(out_dir: str, n: Optional[int] = None, model: Optional[str] = None):
-    from train.evaluate import _is_in_house, run_eval
+    from train.evaluate import is_in_house, run_eval
     start = time.perf_counter()
-    if model is not None and _is_in_house(model):
+    if model is not None and is_in_house(model):
         records = run_eval("configs.eval_tiny", out_dir, model_path=model, n=n or DEFAULT_N_TINY)
     else:
         from train.config_loading import load_config

@@ -26,7 +26,7 @@ def load_config_model(spec: Optional[str], dtype: str = "float32"):
     return load_model(spec, dtype=dtype)
 
 
-def _is_in_house(spec: Optional[str]) -> bool:
+def is_in_house(spec: Optional[str]) -> bool:
     return spec is None or spec == "embedded" or spec in EMBEDDED_CONFIGS
 
 
@@ -41,7 +41,7 @@ def build_config(config_spec: Optional[str], out_dir: str, model: Optional[str] 
     from jaxkv.eval import EvalConfig
     from train.config_loading import load_config
     if config_spec is None:
-        config_spec = TINY_CONFIG if _is_in_house(model) else REAL_CONFIG
+        config_spec = TINY_CONFIG if is_in_house(model) else REAL_CONFIG
     config = load_config(config_spec, expected=EvalConfig)
     changes = {"out_dir": out_dir}
     for name, value in (("n_samples", n), ("tasks", tasks), ("lengths", lengths),

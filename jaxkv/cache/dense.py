@@ -45,11 +45,8 @@ class DenseCache:
         """q: [B, H, D] -> [B, H, D]. `window`: a sliding-window model's attention span (the
         last `window` slots; the XLA reference, which the kernels do not cover)."""
         from pallas_kernels import dispatch
-        if window is not None:
-            from pallas_kernels.dense_decode import dense_decode_attention_reference
-            return dense_decode_attention_reference(q, self.k, self.v, self.lengths, scale,
-                                                    window=window)
-        return dispatch.dense_decode_attention(q, self.k, self.v, self.lengths, scale=scale)
+        return dispatch.dense_decode_attention(q, self.k, self.v, self.lengths, scale=scale,
+                                               window=window)
 
     def nbytes(self) -> int:
         return array_nbytes(self.k, self.v, self.lengths)

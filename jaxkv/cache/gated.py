@@ -14,10 +14,49 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxkv.cache.base import array_nbytes, batched_write
 from jaxkv.cache.dense import DenseCache
-from jaxkv.model.gated import check_streaming, mix_softmax
+
+NEG_INF = -1e30  # as jaxkv.model.layers.NEG_INF
+
+
+def check_streaming(sink, window) -> tuple:
+    """Validate the static streaming settings: sink >= 0 and window >= 1 (ints)."""
+    if isinstance(sink, bool) or not isinstance(sink, (int, np.integer)) or sink < 0:
+        raise ValueError(f"sink={sink!r}: must be an integer >= 0 (attention-sink tokens kept)")
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"window={window!r}: must be an integer >= 1 (recent tokens kept, "
+                         f"the current one included)")
+    return int(sink), int(window)
+
+
+def mix_softmax(scores: jax.Array, full_mask: jax.Array, stream_mask: jax.Array,
+                alpha: jax.Array) -> jax.Array:
+    """alpha * softmax(scores | full_mask) + (1 - alpha) * softmax(scores | stream_mask).
+
+    scores: float32 [B, K, G, T, S]; masks: bool, broadcastable to scores, stream_mask a subset
+    of full_mask; alpha: [K] (per KV head). Rows with an empty mask get zero probabilities.
+
+    Each branch is shifted by its own row max, so both are exact whatever the gap between the
+    full row max and the best streaming score. (A single shared exp, shifted by
+    min(full max, streaming max + 64), overflowed once that gap passed ~150 nats: the trained
+    embedded model's look-up heads reach it, and DuoAttention's training went NaN at step 36.)
+    """
+    full_mask = jnp.broadcast_to(full_mask, scores.shape)
+    stream_mask = jnp.broadcast_to(stream_mask, scores.shape)
+    masked = jnp.where(full_mask, scores, NEG_INF)
+    masked_stream = jnp.where(stream_mask, scores, NEG_INF)
+    # any shift gives the same probabilities: no gradient through it
+    m_full = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))
+    m_stream = jax.lax.stop_gradient(jnp.max(masked_stream, axis=-1, keepdims=True))
+    e = jnp.where(full_mask, jnp.exp(masked - m_full), 0.0)
+    e_stream = jnp.where(stream_mask, jnp.exp(masked_stream - m_stream), 0.0)
+    z_full = jnp.maximum(e.sum(-1, keepdims=True), 1e-30)
+    z_stream = jnp.maximum(e_stream.sum(-1, keepdims=True), 1e-30)
+    a = alpha.astype(jnp.float32)[:, None, None, None]  # [K, 1, 1, 1] against [B, K, G, T, S]
+    return e * (a / z_full) + e_stream * ((1.0 - a) / z_stream)
 
 
 def gated_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,

@@ -50,18 +50,21 @@ import numpy as np
 
 from jaxkv.cache import quant
 from jaxkv.cache.base import array_nbytes, batched_write
-from pallas_kernels.mixed_decode import (K_WIDTHS, META_BYTES, VMETA_BYTES, WIDTHS, bytes_to,
-                                         k_row_codes, record_bytes, region_offsets, region_views)
+from jaxkv.cache.mixed_format import (
+    K_WIDTHS,
+    META_BYTES,
+    VMETA_BYTES,
+    WIDTHS,
+    bytes_to,
+    k_row_codes,
+    record_bytes,
+    region_offsets,
+    region_views,
+)
+from jaxkv.checks import check_int
 
 TOKEN_BITS = (0, 2, 4, 8, 16)
 CHANNEL_BITS = (0, 2, 4, 8)
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-            or value < minimum:
-        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
-    return int(value)
 
 
 def _is_traced(*xs) -> bool:
@@ -132,10 +135,10 @@ class MixedCache:
         if d % 4:
             raise ValueError(f"head_dim={d}: the mixed cache packs D 2-bit codes into whole "
                              f"bytes, so D must be a multiple of 4")
-        window = _check_int("window", window, 0)
-        p = _check_int("arena_bytes", arena_bytes, 0)
-        r = _check_int("k_row_bytes", k_row_bytes, 0)
-        e = _check_int("extra_capacity", extra_capacity, 0)
+        window = check_int("window", window, 0)
+        p = check_int("arena_bytes", arena_bytes, 0)
+        r = check_int("k_row_bytes", k_row_bytes, 0)
+        e = check_int("extra_capacity", extra_capacity, 0)
         if token_bits.shape != (b, kh, t):
             raise ValueError(f"token_bits.shape={token_bits.shape}: must be {(b, kh, t)}")
         if channel_bits.shape != (b, kh, d):

@@ -223,6 +223,14 @@ def unpack(packed, bits: int, n: int) -> jax.Array:
     return _unpack(packed, bits, n)
 
 
+def unpack_codes(codes: jax.Array, bits: int, d: int) -> jax.Array:
+    """Packed uint8 [..., d * bits / 8] -> uint8 [..., d]; int8 codes are returned as they are.
+    Unchecked (`unpack` checks): what the quantised caches and their decode kernels read."""
+    if codes.dtype == jnp.int8 or bits == 8:
+        return codes
+    return _unpack(codes, bits, d)
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _unpack(packed, bits: int, n: int):
     if bits == 8:

@@ -140,7 +140,7 @@ class QuantizedCache:
 
     def _dequantized(self):
         """(k, v) float32 [B, K, N, D] of the quantised slots (for tests)."""
-        from pallas_kernels.quantized_decode import unpack_codes
+        from jaxkv.cache.quant import unpack_codes
         d, n = self.head_dim, self.n_slots
         b, kh = self.k_codes.shape[:2]
         kc = unpack_codes(self.k_codes, self.k_bits, d).astype(jnp.float32)

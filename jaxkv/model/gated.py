@@ -30,46 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkv.model.layers import NEG_INF, streaming_mask
+# the mixing math lives with the cache that decodes with it (kernels read it from there too)
+from jaxkv.cache.gated import check_streaming, mix_softmax
 # the one gate-file API (float64 [L, K], atomic, the model's fingerprint recorded), re-exported
 from jaxkv.policies.rlkv import load_gates, save_gates
-
-
-def check_streaming(sink, window) -> tuple:
-    """Validate the static streaming settings: sink >= 0 and window >= 1 (ints)."""
-    if isinstance(sink, bool) or not isinstance(sink, (int, np.integer)) or sink < 0:
-        raise ValueError(f"sink={sink!r}: must be an integer >= 0 (attention-sink tokens kept)")
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-        raise ValueError(f"window={window!r}: must be an integer >= 1 (recent tokens kept, "
-                         f"the current one included)")
-    return int(sink), int(window)
-
-
-def mix_softmax(scores: jax.Array, full_mask: jax.Array, stream_mask: jax.Array,
-                alpha: jax.Array) -> jax.Array:
-    """alpha * softmax(scores | full_mask) + (1 - alpha) * softmax(scores | stream_mask).
-
-    scores: float32 [B, K, G, T, S]; masks: bool, broadcastable to scores, stream_mask a subset
-    of full_mask; alpha: [K] (per KV head). Rows with an empty mask get zero probabilities.
-
-    Each branch is shifted by its own row max, so both are exact whatever the gap between the
-    full row max and the best streaming score. (A single shared exp, shifted by
-    min(full max, streaming max + 64), overflowed once that gap passed ~150 nats: the trained
-    embedded model's look-up heads reach it, and DuoAttention's training went NaN at step 36.)
-    """
-    full_mask = jnp.broadcast_to(full_mask, scores.shape)
-    stream_mask = jnp.broadcast_to(stream_mask, scores.shape)
-    masked = jnp.where(full_mask, scores, NEG_INF)
-    masked_stream = jnp.where(stream_mask, scores, NEG_INF)
-    # any shift gives the same probabilities: no gradient through it
-    m_full = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))
-    m_stream = jax.lax.stop_gradient(jnp.max(masked_stream, axis=-1, keepdims=True))
-    e = jnp.where(full_mask, jnp.exp(masked - m_full), 0.0)
-    e_stream = jnp.where(stream_mask, jnp.exp(masked_stream - m_stream), 0.0)
-    z_full = jnp.maximum(e.sum(-1, keepdims=True), 1e-30)
-    z_stream = jnp.maximum(e_stream.sum(-1, keepdims=True), 1e-30)
-    a = alpha.astype(jnp.float32)[:, None, None, None]  # [K, 1, 1, 1] against [B, K, G, T, S]
-    return e * (a / z_full) + e_stream * ((1.0 - a) / z_stream)
 
 
 def mixed_attention_fn(gates, sink: int, window: int, prompt_lengths=None, remat: bool = False):
@@ -91,9 +55,14 @@ def mixed_attention_fn(gates, sink: int, window: int, prompt_lengths=None, remat
         raise ValueError(f"gates: expected shape [layers, kv_heads], got "
                          f"{getattr(gates, 'shape', type(gates).__name__)}")
     from pallas_kernels import dispatch
-    if dispatch.kernel_mode() == "tpu":  # one-pass Pallas kernel: both branches from one score tile
-        from pallas_kernels.mixed_prefill import mixed_prefill_attention_fn
-        return mixed_prefill_attention_fn(gates, sink, window, prompt_lengths)
+    on_kernel = dispatch.kernel_mode() == "tpu"  # one-pass Pallas kernel, both branches per tile
+
+    def mixed(alpha, q, k, v, positions, lengths):
+        if on_kernel:
+            return dispatch.mixed_prefill_attention(alpha, q, k, v, positions, lengths,
+                                                    sink=sink, window=window)
+        return dispatch.mixed_prefill_attention_reference(alpha, q, k, v, positions, lengths,
+                                                          sink=sink, window=window)
 
     def attention(layer, q, k, v, positions):
         kh = k.shape[2]
@@ -101,26 +70,10 @@ def mixed_attention_fn(gates, sink: int, window: int, prompt_lengths=None, remat
             raise ValueError(f"gates: shape {tuple(gates.shape)} does not fit layer {layer} with "
                              f"{kh} KV heads")
         lengths = None if prompt_lengths is None else jnp.asarray(prompt_lengths)
-        fn = jax.checkpoint(_mixed_attention, static_argnums=(6, 7)) if remat else _mixed_attention
-        return fn(gates[layer], q, k, v, positions, lengths, sink, window)
+        fn = jax.checkpoint(mixed) if remat and not on_kernel else mixed
+        return fn(gates[layer], q, k, v, positions, lengths)
 
     return attention
-
-
-def _mixed_attention(alpha, q, k, v, positions, prompt_lengths, sink, window):
-    """alpha: [K]; q: [B, T, H, D]; k, v: [B, T, K, D]; positions: [B, T] -> [B, T, H, D]."""
-    b, t, h, d = q.shape
-    kh = k.shape[2]
-    qg = q.reshape(b, t, kh, h // kh, d).astype(jnp.float32)  # [B, T, K, G, D]
-    scores = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k.astype(jnp.float32)) * d ** -0.5
-    full = streaming_mask(positions, positions)  # [B, T, S] causal
-    stream = streaming_mask(positions, positions, window, sink)  # [B, T, S]
-    if prompt_lengths is not None:
-        in_prompt = positions < prompt_lengths[:, None]  # [B, T]
-        stream = stream | (full & in_prompt[:, :, None])
-    probs = mix_softmax(scores, full[:, None, None], stream[:, None, None], alpha)
-    out = jnp.einsum("BKGTS,BSKD->BTKGD", probs, v.astype(jnp.float32))
-    return out.reshape(b, t, h, d).astype(q.dtype)
 
 
 # ---- gates: creation, checks, statistics, files --------------------------------------------------

@@ -14,8 +14,15 @@ import dataclasses
 import jax.numpy as jnp
 
 from jaxkv.policies.registry import register_method
-from jaxkv.policies.snapkv import (FORCED, SnapKV, _settings, per_row_keep, select_headwise,
-                                   select_per_head, value_norms)
+from jaxkv.policies.snapkv import (
+    FORCED,
+    SnapKV,
+    per_row_keep,
+    select_headwise,
+    select_per_head,
+    snap_settings,
+    value_norms,
+)
 
 
 def _check_fraction(name: str, value, low_open: bool = False) -> float:
@@ -75,13 +82,13 @@ class CriticalKV(AdaKV):
 @register_method("adakv")
 def _adakv(budget: float, model, window: int = 32, kernel: int = 5, safeguard: float = 0.2):
     """AdaKV: SnapKV scores, one top-k over the heads of a layer, safeguard 0.2."""
-    return AdaKV(budget=budget, safeguard=safeguard, **_settings(model, window, kernel))
+    return AdaKV(budget=budget, safeguard=safeguard, **snap_settings(model, window, kernel))
 
 
 @register_method("criticalkv")
 def _criticalkv(budget: float, model, window: int = 32, kernel: int = 5):
     """CriticalKV with SnapKV's uniform per-head budgets."""
-    return CriticalKV(budget=budget, adaptive=False, **_settings(model, window, kernel))
+    return CriticalKV(budget=budget, adaptive=False, **snap_settings(model, window, kernel))
 
 
 @register_method("critical_adakv")
@@ -89,7 +96,7 @@ def _critical_adakv(budget: float, model, window: int = 32, kernel: int = 5,
                     safeguard: float = 0.2):
     """Critical-AdaKV: value-norm re-scoring with head-wise budgets (GRKV's retention)."""
     return CriticalKV(budget=budget, adaptive=True, safeguard=safeguard,
-                      **_settings(model, window, kernel))
+                      **snap_settings(model, window, kernel))
 
 
 __all__ = ["AdaKV", "CriticalKV", "per_row_keep"]

@@ -32,11 +32,12 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from jaxkv.checks import check_int
 from jaxkv.model.layers import apply_rope
 from jaxkv.policies.adakv import CriticalKV
 from jaxkv.policies.base import last_positions
 from jaxkv.policies.registry import register_method
-from jaxkv.policies.snapkv import NEG_INF, _check_int, _settings, window_mask
+from jaxkv.policies.snapkv import NEG_INF, snap_settings, window_mask
 
 
 def reference_positions(lengths: jax.Array, n_ref: int) -> jax.Array:
@@ -231,8 +232,8 @@ class GRKV(CriticalKV):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_int("n_ref", self.n_ref, 1)
-        _check_int("cg_iters", self.cg_iters, 0)
+        check_int("n_ref", self.n_ref, 1)
+        check_int("cg_iters", self.cg_iters, 0)
         for name in ("ref_weight", "lam", "v_cap", "k_cap", "cg_tol"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or \
@@ -269,7 +270,7 @@ class GRKV(CriticalKV):
 def _grkv(budget: float, model, window: int = 32, kernel: int = 5, n_ref: int = 32,
           lam: float = 0.01):
     """GRKV: Critical-AdaKV retention + ridge-regression merging of the kept keys/values."""
-    return GRKV(budget=budget, n_ref=n_ref, lam=lam, **_settings(model, window, kernel))
+    return GRKV(budget=budget, n_ref=n_ref, lam=lam, **snap_settings(model, window, kernel))
 
 
 __all__ = ["GRKV", "grkv_adjust", "kept_first", "ridge_adjust_head", "ridge_value_step", "reference_positions", "rotate_to",

@@ -16,14 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxkv.cache.budget import BudgetCache
+from jaxkv.checks import check_int
 from jaxkv.policies.base import Policy, check_budget
 from jaxkv.policies.registry import register_method
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +35,7 @@ class H2O(Policy):
 
     def __post_init__(self):
         check_budget(self.budget)
-        _check_int("window", self.window, 1)
+        check_int("window", self.window, 1)
 
     def n_queries_held(self) -> int:
         return 1

@@ -28,22 +28,24 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxkv.cache import quant
-from jaxkv.cache.quantized import (QuantizedCache, quantize_per_channel, quantize_per_token,
-                                   quantize_symmetric)
+from jaxkv.cache.quantized import (
+    QuantizedCache,
+    quantize_per_channel,
+    quantize_per_token,
+    quantize_symmetric,
+)
+from jaxkv.checks import check_int
 from jaxkv.policies.base import Policy, check_budget, last_positions
 from jaxkv.policies.registry import register_method
-from jaxkv.policies.snapkv import (check_snap_settings, prepare_scores, select_per_head,
-                                   snapkv_scores, window_mask)
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-            or value < minimum:
-        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
-    return int(value)
+from jaxkv.policies.snapkv import (
+    check_snap_settings,
+    prepare_scores,
+    select_per_head,
+    snapkv_scores,
+    window_mask,
+)
 
 
 def _check_kivi_bits(bits) -> int:
@@ -112,8 +114,8 @@ class KIVI(Policy):
 
     def __post_init__(self):
         _check_kivi_bits(self.bits)
-        _check_int("residual", self.residual, 0)
-        _check_int("group_size", self.group_size, 1)
+        check_int("residual", self.residual, 0)
+        check_int("group_size", self.group_size, 1)
         if self.requested_budget is not None:
             check_budget(self.requested_budget, "requested_budget")
 
@@ -206,12 +208,12 @@ class SnapKVKIVI(Policy):
 
     def __post_init__(self):
         check_snap_settings(self.budget, self.window, self.kernel)
-        whole = self.window if self.whole is None else _check_int("whole", self.whole, 0)
+        whole = self.window if self.whole is None else check_int("whole", self.whole, 0)
         if whole > self.window:
             raise ValueError(f"whole={whole}: at most the window ({self.window}) is kept whole")
         object.__setattr__(self, "whole", whole)
         _check_kivi_bits(self.bits)
-        _check_int("group_size", self.group_size, 1)
+        check_int("group_size", self.group_size, 1)
 
     def observation_positions(self, lengths, t: int):
         return last_positions(lengths, self.window)
@@ -284,7 +286,7 @@ class SnapKVKIVI(Policy):
 
 
 def _check_window(model, window, minimum: int = 0):
-    _check_int("window", window, minimum)
+    check_int("window", window, minimum)
     if window > model.config.max_position_embeddings:
         raise ValueError(f"window={window}: larger than the model's context "
                          f"max_position_embeddings={model.config.max_position_embeddings}")

@@ -23,9 +23,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxkv.checks import check_int
 from jaxkv.policies.adakv import CriticalKV
 from jaxkv.policies.registry import register_method
-from jaxkv.policies.snapkv import _check_int, _settings
+from jaxkv.policies.snapkv import snap_settings
 
 
 def _valid(lengths, t):
@@ -150,7 +151,7 @@ class CaM(CriticalKV):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_int("neighbours", self.neighbours, 1)
+        check_int("neighbours", self.neighbours, 1)
 
     def adjust(self, layer, k, v, keep, scores, cache, obs):
         return cam_merge(k, v, keep, scores, obs.lengths, self.neighbours)
@@ -186,19 +187,19 @@ class KVMerger(CriticalKV):
 @register_method("cam")
 def _cam(budget: float, model, window: int = 32, kernel: int = 5, neighbours: int = 3):
     """CaM merging over Critical-AdaKV retention."""
-    return CaM(budget=budget, neighbours=neighbours, **_settings(model, window, kernel))
+    return CaM(budget=budget, neighbours=neighbours, **snap_settings(model, window, kernel))
 
 
 @register_method("nearest_merge")
 def _nearest(budget: float, model, window: int = 32, kernel: int = 5):
     """Nearest-survivor value merging over Critical-AdaKV retention."""
-    return NearestMerge(budget=budget, **_settings(model, window, kernel))
+    return NearestMerge(budget=budget, **snap_settings(model, window, kernel))
 
 
 @register_method("kvmerger")
 def _kvmerger(budget: float, model, window: int = 32, kernel: int = 5, threshold: float = 0.5):
     """KVMerger Gaussian merging over Critical-AdaKV retention."""
-    return KVMerger(budget=budget, threshold=threshold, **_settings(model, window, kernel))
+    return KVMerger(budget=budget, threshold=threshold, **snap_settings(model, window, kernel))
 
 
 __all__ = ["CaM", "NearestMerge", "KVMerger", "cam_merge", "nearest_merge", "kvmerger_merge",

@@ -47,17 +47,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkv.cache.quant import BIT_WIDTHS, CODE_BITS, check_bits
+from jaxkv.checks import check_int
 
 _INT32_MAX = 2 ** 31 - 1
 _MAX_DOUBLINGS = 120   # 2^120 stays finite in float32 (max ~2^128)
 _MAX_BISECTIONS = 64
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-            or value < minimum:
-        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
-    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +71,10 @@ class BitCost:
     unquantized_overhead_bits: Optional[int] = None
 
     def __post_init__(self):
-        _check_int("elements_per_item", self.elements_per_item, 1)
-        _check_int("overhead_bits_per_kept_item", self.overhead_bits_per_kept_item, 0)
+        check_int("elements_per_item", self.elements_per_item, 1)
+        check_int("overhead_bits_per_kept_item", self.overhead_bits_per_kept_item, 0)
         if self.unquantized_overhead_bits is not None:
-            _check_int("unquantized_overhead_bits", self.unquantized_overhead_bits, 0)
+            check_int("unquantized_overhead_bits", self.unquantized_overhead_bits, 0)
 
     def __call__(self, bits: int) -> int:
         bits = check_bits(bits)
@@ -345,7 +339,7 @@ def allocate_channel_bits(u, eps_k: Mapping[int, float], budget_bits, max_bits: 
     max_bits = check_bits(max_bits, (2, 4, 8, 16), name="max_bits")
     choices = tuple(b for b in BIT_WIDTHS if b <= max_bits)
     eps_vec = _eps_vector(eps_k, choices, name="eps_k")
-    overhead = _check_int("overhead_bits_per_channel", overhead_bits_per_channel, 0)
+    overhead = check_int("overhead_bits_per_channel", overhead_bits_per_channel, 0)
     w = _check_weights(u, name="u")
     lead = w.shape[:-1]
     bits_tab = np.array(choices, np.int64)

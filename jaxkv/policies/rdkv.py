@@ -57,28 +57,20 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxkv.cache import quant
 from jaxkv.cache.mixed import MixedCache
+from jaxkv.cache.mixed_format import record_bytes
+from jaxkv.checks import check_int
 from jaxkv.model.model import model_fingerprint
 from jaxkv.policies.base import Policy, check_budget, last_positions
 from jaxkv.policies.rd_alloc import allocate_bits, allocate_channel_bits
 from jaxkv.policies.registry import register_method
 from jaxkv.policies.snapkv import avg_pool, window_attention
-from pallas_kernels.mixed_decode import record_bytes
 
 #: Llama-3.1-8B, docs/methods.md, RDKV (normalised MSE of RTN at 2 / 4 / 8 bits).
 DEFAULT_EPS = {"k": {2: 0.149, 4: 0.0062, 8: 2.2e-5}, "v": {2: 0.313, 4: 0.0140, 8: 4.9e-5}}
 EPS_FILE = "rdkv_eps.json"
-
-
-def _check_int(name: str, value, minimum: int, maximum: Optional[int] = None) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-            or value < minimum or (maximum is not None and value > maximum):
-        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name}={value!r}: must be an integer {allowed}")
-    return int(value)
 
 
 def freeze_eps(eps) -> Tuple:
@@ -119,13 +111,13 @@ class RDKV(Policy):
 
     def __post_init__(self):
         check_budget(self.budget)
-        _check_int("window", self.window, 1)
+        check_int("window", self.window, 1)
         object.__setattr__(self, "whole", self.window if self.whole is None
-                           else _check_int("whole", self.whole, 0))
-        _check_int("kernel", self.kernel, 1)
+                           else check_int("whole", self.whole, 0))
+        check_int("kernel", self.kernel, 1)
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel={self.kernel}: the pooling kernel must be odd")
-        _check_int("k_bits", self.k_bits, 1, 8)
+        check_int("k_bits", self.k_bits, 1, 8)
         widths = self.bit_widths
         if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence) or not widths:
             raise ValueError(f"bit_widths={widths!r}: must be a non-empty sequence of bit widths "
@@ -260,9 +252,9 @@ def calibrate_model(model, prompts) -> quant.EpsTable:
     (per token) of every layer and KV head while it reads `prompts` (token-id lists or strings),
     errors and norms summed over all of them before dividing (`jaxkv.cache.quant.calibrate_eps`).
     A few prompts of a few hundred tokens are enough; use text like the deployment's."""
-    from jaxkv.generate import _as_token_lists
+    from jaxkv.generate import as_token_lists
     from jaxkv.model.model import check_tokens
-    token_lists = _as_token_lists(model, prompts)
+    token_lists = as_token_lists(model, prompts)
     fn = _prompt_kv_jit()
     keys, values = [], []
     for ids in token_lists:

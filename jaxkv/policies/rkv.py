@@ -18,8 +18,9 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from jaxkv.checks import check_int
 from jaxkv.policies.base import last_positions
-from jaxkv.policies.h2o import H2O, _check_int
+from jaxkv.policies.h2o import H2O
 from jaxkv.policies.registry import register_method
 
 
@@ -37,8 +38,8 @@ class RKV(H2O):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_int("buffer", self.buffer, 1)
-        _check_int("n_queries", self.n_queries, 1)
+        check_int("buffer", self.buffer, 1)
+        check_int("n_queries", self.n_queries, 1)
         if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) \
                 or not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"lam={self.lam!r}: must be a number in [0, 1]")

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxkv.cache.sparse import SparseCache
+from jaxkv.checks import check_int
 from jaxkv.policies.base import Policy, check_budget, last_positions
 from jaxkv.policies.registry import register_method
 
@@ -31,12 +32,6 @@ NEG_INF = -1e30
 # prepare_scores scales each sequence's scores into [0, 1]; adding FORCED (or 2 * FORCED) puts a
 # token above every unforced one while keeping the order among forced tokens.
 FORCED = 2.0
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
-    return value
 
 
 # ----------------------------------------------------------------------------- scores
@@ -162,8 +157,8 @@ def select_headwise(scores: jax.Array, n_keep: jax.Array, n_max: int,
 def check_snap_settings(budget, window, kernel) -> None:
     """The settings every SnapKV-scored policy shares: budget in (0, 1], window >= 1, odd kernel."""
     check_budget(budget)
-    _check_int("window", window, 1)
-    _check_int("kernel", kernel, 1)
+    check_int("window", window, 1)
+    check_int("kernel", kernel, 1)
     if kernel % 2 == 0:
         raise ValueError(f"kernel={kernel}: the pooling kernel must be odd")
 
@@ -275,7 +270,7 @@ class PyramidKV(SnapKV):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_int("num_layers", self.num_layers, 1)
+        check_int("num_layers", self.num_layers, 1)
         if not self.beta >= 1.0:
             raise ValueError(f"beta={self.beta!r}: must be >= 1")
 
@@ -332,7 +327,7 @@ class ChunkKV(SnapKV):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_int("chunk_size", self.chunk_size, 1)
+        check_int("chunk_size", self.chunk_size, 1)
 
     def scores(self, cache, obs) -> jax.Array:
         probs = window_attention(cache, obs, self.window).mean(axis=(2, 3))  # [B, K, T]
@@ -348,7 +343,8 @@ class ChunkKV(SnapKV):
 # ----------------------------------------------------------------------------- registry
 
 
-def _settings(model, window, kernel):
+def snap_settings(model, window, kernel):
+    """The observation settings of a SnapKV-family method, checked against the model."""
     if window > model.config.max_position_embeddings:
         raise ValueError(f"window={window}: larger than the model's context "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
@@ -358,20 +354,20 @@ def _settings(model, window, kernel):
 @register_method("snapkv")
 def _snapkv(budget: float, model, window: int = 32, kernel: int = 5):
     """SnapKV at `budget` of the prompt per head."""
-    return SnapKV(budget=budget, **_settings(model, window, kernel))
+    return SnapKV(budget=budget, **snap_settings(model, window, kernel))
 
 
 @register_method("pyramidkv")
 def _pyramidkv(budget: float, model, window: int = 32, kernel: int = 5, beta: float = 20.0):
     """PyramidKV: SnapKV with per-layer budgets shrinking with depth (mean = budget)."""
     return PyramidKV(budget=budget, num_layers=model.config.num_layers, beta=beta,
-                     **_settings(model, window, kernel))
+                     **snap_settings(model, window, kernel))
 
 
 @register_method("chunkkv")
 def _chunkkv(budget: float, model, window: int = 32, kernel: int = 5, chunk_size: int = 10):
     """ChunkKV: whole chunks of `chunk_size` tokens, the same for every head of a layer."""
-    return ChunkKV(budget=budget, chunk_size=chunk_size, **_settings(model, window, kernel))
+    return ChunkKV(budget=budget, chunk_size=chunk_size, **snap_settings(model, window, kernel))
 
 
 __all__ = ["SnapKV", "PyramidKV", "ChunkKV", "snapkv_scores", "window_attention", "avg_pool",

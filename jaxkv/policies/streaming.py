@@ -25,14 +25,9 @@ from typing import Optional
 import jax.numpy as jnp
 
 from jaxkv.cache.streaming import SinkWindowCache
+from jaxkv.checks import check_int
 from jaxkv.policies.base import Policy, check_budget
 from jaxkv.policies.registry import register_method
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")
-    return value
 
 
 def window_for_budget(budget: float, prompt_len: int, sink: int, slot_bytes: int = 0) -> int:
@@ -41,8 +36,8 @@ def window_for_budget(budget: float, prompt_len: int, sink: int, slot_bytes: int
     bytes and int32 token count fit in budget x (prompt_len slots and an int32 length). A budget
     that cannot hold the sink and one recent token is a ValueError (the cache would exceed it)."""
     budget = check_budget(budget)
-    _check_int("prompt_len", prompt_len, 1)
-    _check_int("sink", sink, 0)
+    check_int("prompt_len", prompt_len, 1)
+    check_int("sink", sink, 0)
     if slot_bytes:
         slots = int(math.floor((budget * (prompt_len * slot_bytes + 4) - 4) / slot_bytes + 1e-9))
     else:
@@ -68,7 +63,7 @@ class StreamingLLM(Policy):
     layer_invariant = True
 
     def __post_init__(self):
-        _check_int("sink", self.sink, 0)
+        check_int("sink", self.sink, 0)
         if self.window is None and self.budget is None:
             raise ValueError("window=None: give window (recent tokens kept, >= 1) or budget "
                              "(fraction of the full cache in (0, 1])")
@@ -76,7 +71,7 @@ class StreamingLLM(Policy):
             raise ValueError(f"window={self.window!r}, budget={self.budget!r}: give one of them, "
                              f"not both")
         if self.window is not None:
-            _check_int("window", self.window, 1)
+            check_int("window", self.window, 1)
         else:
             check_budget(self.budget)
 
