@@ -28,12 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxkv.cache.quantized import (quantize_per_channel, quantize_per_token,
-                                   quantize_symmetric)
+from jaxkv.cache.quant import (
+    quantize_per_channel,
+    quantize_per_token,
+    quantize_symmetric,
+)
 from pallas_kernels import dispatch
 from pallas_kernels.quantized_decode import quantized_decode_attention_reference
-from pallas_kernels.quantized_decode_gpu import (quantized_decode_attention_gpu,
-                                                 quantized_gpu_supported)
+from pallas_kernels.quantized_decode_gpu import (
+    quantized_decode_attention_gpu,
+    quantized_gpu_supported,
+)
 from tests.helpers import normal, tolerance
 
 ON_GPU = jax.default_backend() in ("gpu", "cuda")
@@ -48,7 +53,8 @@ def _reset_interpreter():
     yield
     if INTERPRET:  # required after a kernel raised in GPU interpret mode
         from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import (
-            reset_gpu_interpret_mode_state)
+            reset_gpu_interpret_mode_state,
+        )
         reset_gpu_interpret_mode_state()
 
 

@@ -6,7 +6,7 @@ from jaxkv.cache.dense import DenseCache
 from jaxkv.cache.gated import GatedDenseCache
 from jaxkv.cache.headsplit import HeadSplitCache
 from jaxkv.cache.mixed import MixedCache
-from jaxkv.cache.quantized import QuantizedCache
+from jaxkv.cache.quant import QuantizedCache
 from jaxkv.cache.sparse import SparseCache
 from jaxkv.cache.streaming import SinkWindowCache
 

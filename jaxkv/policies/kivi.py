@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxkv.cache import quant
-from jaxkv.cache.quantized import (
+from jaxkv.cache.quant import (
     QuantizedCache,
     quantize_per_channel,
     quantize_per_token,
