@@ -28,8 +28,10 @@ import dataclasses
 from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "model")
 
@@ -148,6 +150,27 @@ def cache_shardings(caches: Any, mesh: Mesh) -> Any:
                                   is_leaf=lambda s: isinstance(s, P))
 
 
-__all__ = ["AXES", "make_mesh", "param_spec", "param_specs", "shard_params", "shard_model",
-           "batch_spec", "shard_batch", "cache_spec", "cache_specs", "cache_shardings",
+__all__ = ["AXES", "make_mesh", "data_mesh", "replicate", "put_batch", "param_spec",
+           "param_specs", "shard_params", "shard_model", "batch_spec", "shard_batch", "cache_spec", "cache_specs", "cache_shardings",
            "shard_cache"]
+
+
+def data_mesh(data_parallel: int) -> Optional[Mesh]:
+    """None for one device, else a (data=D, model=1) mesh; D = 0 takes every local device."""
+    d = data_parallel or len(jax.devices())
+    if d == 1:
+        return None
+    return make_mesh(data=d, model=1)
+
+
+def replicate(x: Any, mesh: Optional[Mesh]) -> Any:
+    """Place `x` on every device of `mesh` (as it is without a mesh)."""
+    if mesh is None:
+        return x
+    return jax.device_put(x, NamedSharding(mesh, P()))
+
+
+def put_batch(x: Any, mesh: Optional[Mesh]) -> Any:
+    """A pytree of arrays as jax arrays, batch dim on the "data" axis when there is a mesh."""
+    x = jax.tree_util.tree_map(jnp.asarray, x)
+    return x if mesh is None else shard_batch(x, mesh)

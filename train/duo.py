@@ -34,12 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxkv.embedded import load_model
 from jaxkv.model.config import ModelConfig
 from jaxkv.model.decoder import Decoder
 from jaxkv.model.gated import gate_stats, init_gates, mixed_attention_fn
+from jaxkv.sharding import data_mesh as make_data_mesh
+from jaxkv.sharding import put_batch, replicate
+from train.gate_run import run_gate_training, write_config
+from train.grpo import gate_update_fn, make_gate_optimizer
 from train.pretrain import TaskMix
-from train.rlkv import (gate_update_fn, load_model, make_data_mesh, make_gate_optimizer,
-                        put_batch, replicate, run_gate_training, write_config)
 
 
 @dataclasses.dataclass(frozen=True)

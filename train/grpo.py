@@ -1,0 +1,160 @@
+"""The GRPO pieces of RLKV's gate training (train/rlkv.py gives the recipe): group advantages,
+the reward-adaptive L1 penalty, the PPO-clipped policy loss over completion tokens, the jitted
+log-probability and gradient functions of the gated model, and the AdamW update of the gates
+(clipped into [0, 1])."""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxkv.model.config import ModelConfig
+from jaxkv.model.decoder import Decoder
+from jaxkv.model.gated import mixed_attention_fn
+
+ADVANTAGE_MODES = ("group", "batch")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean")
+ADV_EPS = 1e-6
+
+
+def adaptive_scale(r_mean: float, tau: float) -> float:
+    """The reward-adaptive L1 scale s = exp(r_mean) - 1 if r_mean > tau else 0 (s = 1 at ln 2)."""
+    r_mean = float(r_mean)
+    return math.expm1(r_mean) if r_mean > tau else 0.0
+
+
+def l1_penalty(gates, beta: float, scale) -> jax.Array:
+    """beta * mean(|gates|) * s."""
+    return beta * jnp.mean(jnp.abs(gates)) * scale
+
+
+def compute_advantages(rewards, group_size: int, mode: str = "group",
+                       eps: float = ADV_EPS) -> np.ndarray:
+    """rewards [N] (groups of `group_size` consecutive entries) -> advantages [N] (float32).
+
+    group: (r - group mean) / (group std + eps); batch: (r - group mean) / (batch std + eps).
+    std is unbiased (ddof=1). A group whose rewards are all equal gets advantages 0.
+    """
+    r = np.asarray(rewards, np.float64)
+    if r.ndim != 1 or r.size % group_size:
+        raise ValueError(f"rewards: {r.shape} is not a whole number of groups of {group_size}")
+    if mode not in ADVANTAGE_MODES:
+        raise ValueError(f"mode={mode!r}: allowed are {', '.join(ADVANTAGE_MODES)}")
+    g = r.reshape(-1, group_size)
+    centred = g - g.mean(axis=1, keepdims=True)
+    if mode == "group":
+        std = g.std(axis=1, ddof=1, keepdims=True)
+    else:
+        std = r.std(ddof=1) if r.size > 1 else 0.0
+    return (centred / (std + eps)).reshape(-1).astype(np.float32)
+
+
+def build_loss_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                     pad_id: int, loss_agg: str = "token_mean", bucket: int = 64):
+    """Sequences prompt + completion for the loss.
+
+    Returns tokens int32 [N, T] (T: longest sequence rounded up to `bucket`, right-padded),
+    prompt_lengths int32 [N], and weights float32 [N, T-1]: weights[i, t] > 0 iff
+    tokens[i, t + 1] is a completion token (t = P_i - 1 .. P_i + C_i - 2), valued so that
+    sum(weights * per_token_loss) is the requested aggregation over the batch:
+    token_mean: 1 / (total completion tokens); seq_mean_token_mean: 1 / (N * C_i).
+    """
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss_agg={loss_agg!r}: allowed are {', '.join(LOSS_AGGREGATIONS)}")
+    n = len(prompts)
+    if n == 0 or len(completions) != n:
+        raise ValueError(f"prompts ({n}) and completions ({len(completions)}): equal, non-zero")
+    longest = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    t = max(-(-longest // bucket) * bucket, 2)
+    tokens = np.full((n, t), pad_id, np.int32)
+    weights = np.zeros((n, t - 1), np.float32)
+    lengths = np.zeros(n, np.int32)
+    total = sum(len(c) for c in completions)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        if len(c) == 0:
+            raise ValueError(f"completions[{i}] is empty")
+        tokens[i, :len(p) + len(c)] = list(p) + list(c)
+        lengths[i] = len(p)
+        w = 1.0 / total if loss_agg == "token_mean" else 1.0 / (n * len(c))
+        weights[i, len(p) - 1:len(p) + len(c) - 1] = w
+    return tokens, lengths, weights
+
+
+def completion_logprobs(params, gates, tokens, prompt_lengths, *, config: ModelConfig, sink: int,
+                        window: int, temperature: float, remat: bool = False):
+    """log pi(tokens[:, t+1] | tokens[:, :t+1]) under the gated model -> float32 [N, T-1]."""
+    fn = mixed_attention_fn(gates, sink, window, prompt_lengths, remat=remat)
+    logits = Decoder(config).apply({"params": params}, tokens, attention_fn=fn,
+                                   method=Decoder.forward)
+    logits = logits[:, :-1].astype(jnp.float32) / temperature  # [N, T-1, V]
+    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def clipped_policy_loss(logp, old_logp, advantages, weights, eps_clip: float):
+    """sum over tokens of weights * -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A).
+
+    logp, old_logp, weights: [N, T-1]; advantages: [N]. old_logp=None: stop_gradient(logp)
+    (one update per batch: ratio == 1 in value, d ratio = d logp in gradient).
+    Returns (loss, fraction of weighted tokens whose ratio was clipped).
+    """
+    if old_logp is None:
+        old_logp = jax.lax.stop_gradient(logp)
+    ratio = jnp.exp(logp - old_logp)
+    adv = advantages[:, None]
+    unclipped = ratio * adv
+    clipped = jnp.clip(ratio, 1.0 - eps_clip, 1.0 + eps_clip) * adv
+    loss = jnp.sum(-jnp.minimum(unclipped, clipped) * weights)
+    frac = jnp.sum((clipped < unclipped) * (weights > 0)) / jnp.maximum(jnp.sum(weights > 0), 1)
+    return loss, frac
+
+
+@functools.lru_cache(maxsize=16)
+def policy_grad_fn(config: ModelConfig, sink: int, window: int, temperature: float,
+                    remat: bool, eps_clip: float, with_old: bool):
+    def loss(gates, params, tokens, prompt_lengths, weights, advantages, old_logp):
+        logp = completion_logprobs(params, gates, tokens, prompt_lengths, config=config,
+                                   sink=sink, window=window, temperature=temperature,
+                                   remat=remat)
+        return clipped_policy_loss(logp, old_logp if with_old else None, advantages, weights,
+                                   eps_clip)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+@functools.lru_cache(maxsize=16)
+def logprob_fn(config: ModelConfig, sink: int, window: int, temperature: float, remat: bool):
+    return jax.jit(functools.partial(completion_logprobs, config=config, sink=sink, window=window,
+                                     temperature=temperature))
+
+
+def make_gate_optimizer(learning_rate: float, weight_decay: float, betas=(0.9, 0.999),
+                        grad_clip: Optional[float] = 1.0) -> optax.GradientTransformation:
+    """AdamW at a constant lr, after a global grad-norm clip (None: no clip)."""
+    adamw = optax.adamw(learning_rate, b1=betas[0], b2=betas[1], weight_decay=weight_decay)
+    if grad_clip is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw)
+
+
+@functools.lru_cache(maxsize=16)
+def gate_update_fn(learning_rate: float, weight_decay: float, betas: Tuple[float, float],
+                   grad_clip: Optional[float], beta: float):
+    """jit (gates, opt_state, loss grads, s) -> (gates clipped into [0, 1], opt_state, penalty,
+    grad norm). The L1 penalty beta * mean|gates| * s and its gradient are added here, once per
+    step; the optimiser is `make_gate_optimizer(learning_rate, weight_decay, betas, grad_clip)`.
+    Cached on the settings, so runs in one process share the compilation."""
+    optimizer = make_gate_optimizer(learning_rate, weight_decay, betas, grad_clip)
+
+    @jax.jit
+    def apply(gates, opt_state, loss_grads, scale):
+        penalty, pen_grads = jax.value_and_grad(l1_penalty)(gates, beta, scale)
+        grads = loss_grads + pen_grads
+        updates, opt_state = optimizer.update(grads, opt_state, gates)
+        gates = jnp.clip(optax.apply_updates(gates, updates), 0.0, 1.0)
+        return gates, opt_state, penalty, optax.tree.norm(grads)
+    return apply
