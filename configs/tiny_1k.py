@@ -9,7 +9,7 @@ The report scores the retrieval tasks at 1,024 tokens.
     python -m train pretrain --config configs/tiny_1k.py --out runs/tiny_1k
     (with a copy of jaxkv/assets/tiny in runs/tiny_1k/base/model, else it trains configs/tiny.py)
 
-Measured (export in benchmarks/checkpoints/tiny_1k; greedy exact match, full cache, 100 prompts,
+Measured (greedy exact match, full cache, 100 prompts,
 retrieval at 1,024 tokens). Stage 1 (800 PoSE steps, 25 min on two cores): running_sum 1.00,
 var_chain 1.00, niah_single 0.99, passkey 0.99, variable_tracking 0.75, niah_multikey 0.71 (4 keys
 of 3 letters; 0.45 with 1-letter keys: the answer often skips the quote), niah_multivalue 0.00
@@ -22,8 +22,8 @@ import dataclasses
 
 from configs.tiny import CONFIG as BASE
 from configs.tiny import EVAL_TASKS as SHORT_TASKS
-from configs.tiny_keys_long import _t
-from configs.tiny_keys_mk2 import MK
+from configs.tiny import MK
+from configs.tiny import task as _t
 from configs.tiny_long import at_length
 from train.pretrain import Stage
 

@@ -292,7 +292,7 @@ class VariableTracking(_HaystackTask):
     then found by the token just written (the needle whose right-hand side it is), so with
     one-digit values every hop is the same look-up; a small model learns the later hops
     (key = the current token) long before the first one (key = a 5-digit value three or more
-    tokens back, at chance after 2,000 steps in configs/tiny_keys.py)."""
+    tokens back, at chance after 2,000 steps in the first stage of configs/tiny.py)."""
 
     name: ClassVar[str] = "variable_tracking"
 
