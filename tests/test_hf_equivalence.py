@@ -7,6 +7,7 @@ import copy
 import json
 import os
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -89,9 +90,7 @@ def test_sharded_checkpoint_loads_identically(ckpt, tmp_path):
         assert len(set(json.load(f)["weight_map"].values())) > 1
     sharded = jaxkv.load_hf(folder)
     assert sharded.config == model.config
-    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), sharded.params,
-                                  model.params)
-    assert all(jax.tree_util.tree_leaves(same))
+    chex.assert_trees_all_equal(sharded.params, model.params)  # same structure and values
     tokens = TOKENS
     np.testing.assert_array_equal(np.asarray(jaxkv.forward(sharded, tokens)),
                                   np.asarray(jaxkv.forward(model, tokens)))

@@ -2,6 +2,7 @@
 of forward, seeded sampling, and Llama-3 RoPE scaling worked by hand."""
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,6 +220,5 @@ def test_init_params_after_a_traced_first_call():
                          num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=32)
     shapes = jax.eval_shape(lambda: init_params(config, 0))
     params = init_params(config, 0)
-    assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), params) == \
-        jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), shapes)
-    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree_util.tree_leaves(params))
+    chex.assert_trees_all_equal_shapes_and_dtypes(params, shapes)
+    chex.assert_tree_all_finite(params)

@@ -3,6 +3,7 @@ import dataclasses
 import json
 import os
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -46,9 +47,7 @@ def test_resume_continues_the_same_trajectory(tmp_path):
     assert not os.path.exists(os.path.join(split, "model"))
     report = pretrain(cfg, split, progress=False)  # resumes at step 2
     assert report["steps"] == 4
-    for x, y in zip(jax.tree_util.tree_leaves(_params(straight)),
-                    jax.tree_util.tree_leaves(_params(split))):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(_params(straight), _params(split), rtol=1e-6, atol=1e-7)
 
 
 def test_interrupted_checkpoint_is_never_restored(tmp_path, capsys):
