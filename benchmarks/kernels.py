@@ -119,7 +119,7 @@ def build_cache(kind: str, key, shape: Shape, context: int, args):
     elif kind == "mixed":
         from jaxkv.cache import MixedCache
         from jaxkv.policies.rdkv import RDKV
-        from pallas_kernels.mixed_decode import record_bytes
+        from jaxkv.cache.mixed_format import record_bytes
         policy = RDKV(budget=args.budget, window=32, k_bits=4)
         item = jnp.dtype(shape.dtype).itemsize
         r = policy.k_row_bytes(d)

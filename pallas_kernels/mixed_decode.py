@@ -1,33 +1,6 @@
 """Decode attention over the mixed-precision cache of `jaxkv.cache.MixedCache` (RDKV). The byte
-layout of its arena is `jaxkv.cache.mixed_format` (the cache writes it, this module reads it):
-
-Layout of one layer (B batch, K KV heads, D head dim, P arena bytes per head, R = k_row_bytes):
-
-    arena:         uint8 [B, K, P]   one byte arena per (sequence, head): token records grouped by
-                                     V bit width into dense regions, in the order 16, 8, 4, 2 bits
-    counts:        int32 [B, K, 4]   records in the 16-, 8-, 4- and 2-bit regions
-    k_channels:    uint8 [B, K, D]   (int32 when D > 256) channel stored at each rank; ranks sort
-                                     the channels by K bit width, 8 first, then 4, 2, 0 (pruned)
-    k_counts:      int32 [B, K, 3]   channels at 8, 4 and 2 bits
-    k_scale,
-    k_zero:        float16 [B, K, D] per-channel K scale and zero-point, in rank order
-    whole_k,
-    whole_v:       [B, K, Z, D]      tokens kept in the cache dtype (the recent window of the prompt
-                                     and the tokens generated while decoding)
-    whole_lengths: int32 [B]         valid slots of the whole zone
-
-A record (one kept prompt token outside the whole zone) is `record_bytes(bits)` bytes:
-
-    [K row: R bytes][position: int32, 4 bytes][V scale, V zero-point: 2 x float16][V: D codes]
-
-where the V codes are packed at `bits` (D * bits / 8 bytes) for bits in {2, 4, 8}; a 16-bit
-record has no V scale and zero-point and holds V as D values of the cache dtype (raw bytes). The
-K row holds the token's key quantised per channel: the rank-ordered channels' codes at their own
-widths, 8-bit codes first, then 4-bit, then 2-bit, packed little-endian (the first code in the
-lowest bits), and zeros after the last one (R * 8 bits >= sum of the channel widths).
-Read at 8 bits the row gives codes [R] whose first d8 are the 8-bit channels; read at 4 bits,
-codes [2R] whose [2 d8, 2 d8 + d4) are the 4-bit channels; read at 2 bits, codes [4R] whose
-[4 d8 + 2 d4, 4 d8 + 2 d4 + d2) are the 2-bit channels.
+layout of its arena (the arrays of a layer, a record's bytes, the K row's packed channel codes) is
+`jaxkv.cache.mixed_format`: the cache writes it, this module reads it.
 
 Decoding never dequantises the cache. For the G queries of a KV head:
     score(t) = sum_c (q_c * s_c) * code_{t,c} + sum_c q_c * z_c     (K scale folded into q,
@@ -54,11 +27,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from jaxkv.cache.mixed_format import (K_WIDTHS, META_BYTES, VMETA_BYTES, WIDTHS, bytes_to,
+                                     k_view_ranks, region_views, unpack_bits)
 from pallas_kernels.dense_decode import NEG_INF
 from pallas_kernels.quantized_decode import EXACT, col_iota, dot_nn, dot_nt, row_iota
-from jaxkv.cache.mixed_format import (  # noqa: F401  (the layout, re-exported)
-    K_WIDTHS, META_BYTES, VMETA_BYTES, WIDTHS, bytes_to, k_row_codes, k_view_ranks, record_bytes,
-    region_offsets, region_views, unpack_bits)
 
 
 def mixed_decode_attention_reference(q: jax.Array, arena: jax.Array, counts: jax.Array,

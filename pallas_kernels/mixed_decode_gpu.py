@@ -13,12 +13,12 @@ V channel order (sub-block order of its packed codes) and are put back in natura
 the combine, so regions of different widths never share an accumulator.
 
 What runs in the wrapper (XLA), and why:
-  - the cut of the arena into per-width row views, `mixed_decode.region_views` (the reference's
-    own gather, as in the TPU kernel): a region starts at a data-dependent byte offset and its
-    records are `record_bytes(w)` bytes (e.g. 104), not a multiple of 16. A TMA box needs an
-    innermost extent of a multiple of 16 bytes and a 16-byte aligned row pitch, so a [rows,
-    record] box cannot be cut from the flat arena; a 1-D byte run could be fetched, but reading
-    its fields back as a [rows, record_bytes] view needs a reshape of shared memory to a
+  - the cut of the arena into per-width row views, `jaxkv.cache.mixed_format.region_views` (the
+    reference's own gather, as in the TPU kernel): a region starts at a data-dependent byte
+    offset and its records are `record_bytes(w)` bytes (e.g. 104), not a multiple of 16. A TMA
+    box needs an innermost extent of a multiple of 16 bytes and a 16-byte aligned row pitch, so
+    a [rows, record] box cannot be cut from the flat arena; a 1-D byte run could be fetched, but
+    reading its fields back as a [rows, record_bytes] view needs a reshape of shared memory to a
     non-16-byte-aligned row pitch and then strided per-field register loads, which the Mosaic GPU
     lowering of jax 0.10.2 rejects for vectorised layouts ("Vectorized dimension should not
     require further tiling and have a stride of 1"). The views are then split into fields in the
@@ -54,12 +54,13 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jaxkv.cache.mixed_format import (META_BYTES, VMETA_BYTES, WIDTHS, bytes_to, k_view_ranks,
+                                     region_views)
 from pallas_kernels.dense_decode_gpu import gpu_kernel_supported
 from pallas_kernels.gpu_common import (WGMMA_ROWS, check_16bit, column_group_pad,
                                        default_num_splits, merge_partials, split_16bit,
                                        unpermute_partials)
-from pallas_kernels.mixed_decode import (K_SUBS, META_BYTES, VMETA_BYTES, WIDTHS, bytes_to,
-                                         k_view_ranks, region_views)
+from pallas_kernels.mixed_decode import K_SUBS
 from pallas_kernels.quantized_decode_gpu import (BLOCK, SMEM_LIMIT, CodePlan, codes_partials,
                                                  codes_smem_bytes, sub_order,
                                                  whole_zone_partials)

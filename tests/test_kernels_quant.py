@@ -21,15 +21,14 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxkv.cache import DenseCache, MixedCache, QuantizedCache
+from jaxkv.cache.mixed_format import WIDTHS, record_bytes
 from jaxkv.cache.quant import quantize_per_token
 from jaxkv.model.decoder import LayerObservation
 from jaxkv.policies.kivi import KIVI, Int8, SnapKVKIVI
 from pallas_kernels import dispatch
 from pallas_kernels.mixed_decode import (
-    WIDTHS,
     mixed_decode_attention,
     mixed_decode_attention_reference,
-    record_bytes,
 )
 from pallas_kernels.quantized_decode import (
     default_block_size,

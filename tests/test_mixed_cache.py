@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jaxkv.cache import MixedCache
+from jaxkv.cache.mixed_format import record_bytes
 from pallas_kernels.dense_decode import NEG_INF
-from pallas_kernels.mixed_decode import record_bytes
 from tests.helpers import assert_close
 
 # one fixed shape, so every hypothesis example reuses the same compilations
