@@ -27,6 +27,16 @@ def check_budget(budget, name: str = "budget") -> float:
     return float(budget)
 
 
+def prompt_byte_budget(budget: float, length, extra: int, kv_heads: int, head_dim: int,
+                       itemsize: int):
+    """Bytes a compressed prompt may take per sequence and layer: `budget` of the dense cache of
+    `length` prompt tokens and `extra` decode slots (K and V of every KV head in the cache dtype,
+    plus its int32 length), less those decode slots, which the compressed caches hold densely
+    too. `length` may be an array of per-sequence lengths."""
+    tb = 2 * head_dim * itemsize
+    return budget * (kv_heads * (length + extra) * tb + 4) - kv_heads * extra * tb
+
+
 def last_positions(lengths, window: int):
     """[B, W] positions of the last `window` prompt tokens of each sequence (clamped at 0)."""
     offs = jnp.arange(window, dtype=jnp.int32) - window  # -W .. -1

@@ -37,7 +37,7 @@ from jaxkv.cache.quant import (
     quantize_symmetric,
 )
 from jaxkv.checks import check_int
-from jaxkv.policies.base import Policy, check_budget, last_positions
+from jaxkv.policies.base import Policy, check_budget, last_positions, prompt_byte_budget
 from jaxkv.policies.registry import register_method
 from jaxkv.policies.snapkv import (
     check_snap_settings,
@@ -226,15 +226,9 @@ class SnapKVKIVI(Policy):
                     + 2 * self.whole * head_dim * itemsize)
         return kv_heads * per_head + 8  # + q_lengths, whole_lengths
 
-    def prompt_bytes(self, length, extra: int, kv_heads: int, head_dim: int, itemsize: int):
-        """Bytes the prompt part may take per sequence: `budget` of the dense cache of `length`
-        prompt tokens and `extra` decode slots, less those slots (dense in both caches)."""
-        tb = 2 * head_dim * itemsize
-        return self.budget * (kv_heads * (length + extra) * tb + 4) - kv_heads * extra * tb
-
     def n_slots(self, t: int, kv_heads: int, head_dim: int, itemsize: int, extra: int = 0) -> int:
         """Static quantised slots per head for a padded prompt of t tokens."""
-        total = math.floor(self.prompt_bytes(t, extra, kv_heads, head_dim, itemsize))
+        total = math.floor(prompt_byte_budget(self.budget, t, extra, kv_heads, head_dim, itemsize))
         if self._bytes(0, kv_heads, head_dim, itemsize) > total:
             raise ValueError(
                 f"budget={self.budget}: {total} bytes per sequence for a {t}-token prompt, fewer "
@@ -254,8 +248,8 @@ class SnapKVKIVI(Policy):
         lengths = obs.lengths.astype(jnp.int32)
         n_win = jnp.minimum(self.whole, lengths)
         # per sequence: as many tokens as its own length's budget allows (float32 arithmetic)
-        total = jnp.floor(self.prompt_bytes(lengths.astype(jnp.float32), obs.extra_capacity, kh,
-                                            d, item))
+        total = jnp.floor(prompt_byte_budget(self.budget, lengths.astype(jnp.float32),
+                                             obs.extra_capacity, kh, d, item))
         avail = (total - self._bytes(0, kh, d, item)) / kh
         per = kivi_token_bytes(self.bits, d, self.group_size) + 4
         n_row = jnp.clip(jnp.floor(avail / per).astype(jnp.int32), 0,

@@ -21,15 +21,15 @@ Per layer, right after prefill (`compress_layer`, so only one layer's dense cach
 Budget. `budget` is a fraction of the bytes of this layer's dense cache (K and V of the prompt
 and of the decode slots in the cache dtype, plus its int32 lengths), per sequence: the decode
 slots, which the whole zone holds in the cache dtype as the dense cache does, are taken off first
-and the prompt part gets the rest (`prompt_bytes`); a sequence shorter than the padded prompt
-gets proportionally less. Everything the compressed
-prompt part stores is counted, not only code bits (the authors count code bits only): a kept token
-costs a whole `MixedCache` record, i.e. its K row (k_bits * D bits), its int32 position, its V
-codes and, when quantised, its float16 V scale and zero-point; the window (K and V whole), the
-per-channel K scales, zero-points and ranks, and the counts are taken off the budget first. The
-arena (the arrays) is sized from the padded prompt length, so `MixedCache.nbytes()` minus the
-decode slots is at most budget x the dense cache less those slots; the allocation never uses more
-than the arena (the solver's cost never exceeds its budget).
+and the prompt part gets the rest (`jaxkv.policies.base.prompt_byte_budget`); a sequence shorter
+than the padded prompt gets proportionally less. Everything the compressed prompt part stores is
+counted, not only code bits (the authors count code bits only): a kept token costs a whole
+`MixedCache` record, i.e. its K row (k_bits * D bits), its int32 position, its V codes and, when
+quantised, its float16 V scale and zero-point; the window (K and V whole), the per-channel K
+scales, zero-points and ranks, and the counts are taken off the budget first. The arena (the
+arrays) is sized from the padded prompt length, so `MixedCache.nbytes()` minus the decode slots
+is at most budget x the dense cache less those slots; the allocation never uses more than the
+arena (the solver's cost never exceeds its budget).
 
 K/V split. The recipe splits a budget between K and V with a ratio; with static array shapes the
 K row of a record must have a static width, so here K gets `k_bits` bits per channel on average
@@ -63,7 +63,7 @@ from jaxkv.cache.mixed import MixedCache
 from jaxkv.cache.mixed_format import record_bytes
 from jaxkv.checks import check_int
 from jaxkv.model.model import model_fingerprint
-from jaxkv.policies.base import Policy, check_budget, last_positions
+from jaxkv.policies.base import Policy, check_budget, last_positions, prompt_byte_budget
 from jaxkv.policies.rd_alloc import allocate_bits, allocate_channel_bits
 from jaxkv.policies.registry import register_method
 from jaxkv.policies.snapkv import avg_pool, window_attention
@@ -150,18 +150,10 @@ class RDKV(Policy):
         plus the cache's two int32 lengths."""
         return kv_heads * MixedCache.fixed_bytes_per_head(head_dim, self.whole, itemsize) + 8
 
-    def prompt_bytes(self, length, extra: int, kv_heads: int, head_dim: int, itemsize: int):
-        """Bytes the prompt part may take per sequence: `budget` of the dense cache of `length`
-        prompt tokens and `extra` decode slots (K, V and lengths), less the decode slots, which
-        the whole zone holds in the cache dtype as the dense cache does."""
-        tb = 2 * head_dim * itemsize
-        dense = kv_heads * (length + extra) * tb + 4
-        return self.budget * dense - kv_heads * extra * tb
-
     def arena_bytes(self, t: int, extra: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
         """Static arena bytes per head for a padded prompt of t tokens and `extra` decode slots
         (ValueError if the budget does not even cover the window and the K metadata)."""
-        total = math.floor(self.prompt_bytes(t, extra, kv_heads, head_dim, itemsize))
+        total = math.floor(prompt_byte_budget(self.budget, t, extra, kv_heads, head_dim, itemsize))
         fixed = self.fixed_bytes_per_sequence(kv_heads, head_dim, itemsize)
         if total < fixed:
             raise ValueError(
@@ -210,8 +202,8 @@ class RDKV(Policy):
         r = self.k_row_bytes(d)
         p = self.arena_bytes(t, obs.extra_capacity, kh, d, item)
         # per-sequence arena budget (bytes per head), float32 arithmetic
-        total = jnp.floor(self.prompt_bytes(obs.lengths.astype(jnp.float32), obs.extra_capacity,
-                                            kh, d, item))
+        total = jnp.floor(prompt_byte_budget(self.budget, obs.lengths.astype(jnp.float32),
+                                             obs.extra_capacity, kh, d, item))
         fixed = self.fixed_bytes_per_sequence(kh, d, item)
         per_head = jnp.clip(jnp.floor((total - fixed) / kh), 0, p).astype(jnp.int32)  # [B]
 

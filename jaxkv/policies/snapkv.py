@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jaxkv.cache.sparse import SparseCache
 from jaxkv.checks import check_int
-from jaxkv.policies.base import Policy, check_budget, last_positions
+from jaxkv.policies.base import Policy, check_budget, last_positions, prompt_byte_budget
 from jaxkv.policies.registry import register_method
 
 NEG_INF = -1e30
@@ -199,9 +199,8 @@ class SnapKV(Policy):
         """Prompt tokens per head, on average, whose SparseCache holds `budget` of the bytes of
         the dense cache (t + extra slots per head, an int32 length per sequence), per sequence:
         K n (2 D s + 8) + K extra 2 D s + 4 = budget (K (t + extra) 2 D s + 4)."""
-        tb = 2 * head_dim * itemsize
-        dense = kv_heads * (t + extra) * tb + 4
-        return (self.budget * dense - 4 - kv_heads * extra * tb) / (kv_heads * (tb + SLOT_INDEX_BYTES))
+        prompt = prompt_byte_budget(self.budget, t, extra, kv_heads, head_dim, itemsize)
+        return (prompt - 4) / (kv_heads * (2 * head_dim * itemsize + SLOT_INDEX_BYTES))
 
     def _mean(self, cache, obs) -> float:
         b, kh, t, d = cache.k.shape
@@ -225,8 +224,9 @@ class SnapKV(Policy):
     def scores(self, cache, obs) -> jax.Array:
         return snapkv_scores(cache, obs, self.window, self.kernel)
 
-    def n_keep(self, layer: int, lengths, t: int, mean: float) -> jax.Array:
-        return per_row_keep(self.n_max(layer, t, mean) / t, lengths, self.window)
+    def n_keep(self, layer: int, lengths, t: int, n_max: int) -> jax.Array:
+        """int32 [B]: tokens each sequence keeps per head, its share of the layer's n_max."""
+        return per_row_keep(n_max / t, lengths, self.window)
 
     def select(self, layer: int, scores, n_keep, n_max: int, cache, obs) -> jax.Array:
         return select_per_head(scores, n_keep, n_max)
@@ -245,7 +245,7 @@ class SnapKV(Policy):
         n_max = self.n_max(layer, t, mean)
         raw = self.scores(cache, obs)  # [B, K, T]
         scores = prepare_scores(raw, obs.lengths, self.window)
-        n_keep = self.n_keep(layer, obs.lengths, t, mean)
+        n_keep = self.n_keep(layer, obs.lengths, t, n_max)
         keep = self.select(layer, scores, n_keep, n_max, cache, obs)
         k, v = self.adjust(layer, cache.k, cache.v, keep, raw, cache, obs)
         # a non-finite input poisons the output (generate then raises, see check_finite_caches)
@@ -309,9 +309,6 @@ class PyramidKV(SnapKV):
     def n_max(self, layer: int, t: int, mean: float) -> int:
         super().n_max(layer, t, mean)  # the mean itself must hold the window
         return min(t, int(math.floor(self.layer_tokens(t, mean)[layer] + 1e-9)))
-
-    def n_keep(self, layer: int, lengths, t: int, mean: float) -> jax.Array:
-        return per_row_keep(self.n_max(layer, t, mean) / t, lengths, self.window)
 
 
 @dataclasses.dataclass(frozen=True)
