@@ -94,8 +94,7 @@ def test_shipped_gate_files_carry_their_models_fingerprint(name):
     import jaxkv
     from jaxkv.embedded import embedded_model_path
     folder = embedded_model_path(name=name)
-    if folder is None:
-        pytest.skip(f"jaxkv/assets/{name} is missing")
+    assert folder is not None, f"jaxkv/assets/{name} is shipped with the package"
     model = jaxkv.load(name)
     for method in ("rlkv", "duo"):
         path = os.path.join(folder, f"gates_{method}.json")
