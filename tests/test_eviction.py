@@ -41,12 +41,62 @@ def test_headwise_selection_hand_worked():
     scores = jnp.asarray([[[0.1, 0.9, 0.3, 0.8, 0.0, 0.0],
                            [0.5, 0.1, 0.2, 0.05, 0.0, 0.0]]])
     s = prepare_scores(scores, jnp.asarray([6]), window=2)
-    keep = np.asarray(select_headwise(s, jnp.asarray([4]), 4, safeguard=0.5))
-    # forced: 4 window tokens; 4 left for the top scores over both heads (scaled by the max 0.9):
-    # 0.9 (h0 p1), 0.8 (h0 p3), 0.5 (h1 p0), 0.3 (h0 p2) -> head 0 keeps 5, head 1 keeps 3
+    keep = np.asarray(select_headwise(s, jnp.asarray([4]), 4, safeguard=0.5, window=2))
+    # forced: 4 window tokens and each head's best beyond it (floor(0.5 * (4 - 2)) = 1: 0.9 at
+    # h0 p1, 0.5 at h1 p0); 2 left for the top scores over both heads (scaled by the max 0.9):
+    # 0.8 (h0 p3), 0.3 (h0 p2) -> head 0 keeps 5, head 1 keeps 3
     np.testing.assert_array_equal(keep[0, 0], [0, 1, 1, 1, 1, 1])
     np.testing.assert_array_equal(keep[0, 1], [1, 0, 0, 0, 1, 1])
     assert keep.sum() == 8
+
+
+def test_safeguard_floor_is_a_share_of_the_budget_beyond_the_window():
+    # AdaKV's floor is floor(safeguard * (n_keep - window)) tokens beyond the window: with
+    # n_keep 4 and window 2, safeguard 0.5 guarantees head 1 one token beyond its window (a floor
+    # of floor(0.5 * 4) = 2 counting the window would guarantee it nothing)
+    scores = jnp.asarray([[[0.9, 0.8, 0.7, 0.6, 0.0, 0.0],
+                           [0.1, 0.1, 0.1, 0.05, 0.0, 0.0]]])
+    s = prepare_scores(scores, jnp.asarray([6]), window=2)
+    keep = np.asarray(select_headwise(s, jnp.asarray([4]), 4, safeguard=0.5, window=2))
+    np.testing.assert_array_equal(keep[0, 0], [1, 1, 1, 0, 1, 1])
+    np.testing.assert_array_equal(keep[0, 1], [1, 0, 0, 0, 1, 1])  # p0 by the floor (tie: lower)
+    bare = np.asarray(select_headwise(s, jnp.asarray([4]), 4, safeguard=0.0, window=2))
+    np.testing.assert_array_equal(bare[0, 1], [0, 0, 0, 0, 1, 1])
+
+
+def test_criticalkv_first_stage_is_half_the_budget_beyond_the_window():
+    """Stage 1 keeps the window and floor(0.5 * (n_keep - window)) tokens by score alone, even
+    when their values are zero (no effect on the output, so stage 2 would drop them)."""
+    from types import SimpleNamespace
+    t, window, n_keep = 14, 4, 10
+    raw = np.zeros((1, 1, t), np.float32)
+    raw[0, 0, :10] = np.linspace(1.0, 0.1, 10)  # beyond the window, by position
+    s = prepare_scores(jnp.asarray(raw), jnp.asarray([t]), window=window)
+    v = np.ones((1, 1, t, 2), np.float32)
+    v[0, 0, :3] = 0.0  # the three best-scored tokens carry zero values
+    cache = SimpleNamespace(v=jnp.asarray(v))
+    obs = SimpleNamespace(o_proj=jnp.eye(2, dtype=jnp.float32))
+    policy = CriticalKV(budget=0.5, window=window, kernel=1, adaptive=False)
+    keep = np.asarray(policy.select(0, s, jnp.asarray([n_keep]), n_keep, cache, obs))[0, 0]
+    # stage 1: window + {0, 1, 2} (4 + floor(0.5 * 6) = 7); stage 2: {3, 4, 5} by score * |v|
+    np.testing.assert_array_equal(np.flatnonzero(keep), [0, 1, 2, 3, 4, 5, 10, 11, 12, 13])
+
+
+def test_snapkv_pools_the_prefix_only():
+    """SnapKV pools the scores of the tokens before the window: the window's own attention does
+    not raise the score of the tokens next to it."""
+    from types import SimpleNamespace
+    from jaxkv.policies.snapkv import snapkv_scores
+    t, window = 8, 2
+    k = np.zeros((1, 1, t, 1), np.float32)
+    k[0, 0, t - window:] = 20.0  # the window queries attend (almost) only to the window
+    obs = SimpleNamespace(queries=jnp.ones((1, 1, window, 1), jnp.float32),
+                          query_positions=jnp.asarray([[t - 2, t - 1]]), lengths=jnp.asarray([t]),
+                          scale=1.0)
+    scores = np.asarray(snapkv_scores(SimpleNamespace(k=jnp.asarray(k)), obs, window, 3))[0, 0]
+    assert scores[t - window - 1] < 1e-6  # pooled over the whole row it would be ~1/3
+    assert (scores[t - window:] < 1e-6).all()  # the window adds nothing (it is forced later)
+    np.testing.assert_allclose(scores[1:t - window - 1], scores[1], rtol=1e-5)  # flat prefix
 
 
 def test_safeguard_gives_every_head_its_share():
@@ -54,10 +104,10 @@ def test_safeguard_gives_every_head_its_share():
     scores = rng.uniform(size=(1, 4, 50)).astype(np.float32)
     scores[0, 0] *= 100  # head 0 would take everything without the safeguard
     s = prepare_scores(jnp.asarray(scores), jnp.asarray([50]), window=2)
-    keep = np.asarray(select_headwise(s, jnp.asarray([10]), 10, safeguard=0.2))
+    keep = np.asarray(select_headwise(s, jnp.asarray([10]), 10, safeguard=0.2, window=2))
     assert keep.sum() == 40
-    assert (keep.sum(-1) >= 2).all()  # floor(0.2 * 10) = 2 (here the window)
-    bare = np.asarray(select_headwise(s, jnp.asarray([10]), 10, safeguard=0.0))
+    assert (keep.sum(-1) >= 3).all()  # the window + floor(0.2 * (10 - 2)) = 1
+    bare = np.asarray(select_headwise(s, jnp.asarray([10]), 10, safeguard=0.0, window=2))
     assert bare[0, 0].sum() > keep[0, 1].sum()
 
 

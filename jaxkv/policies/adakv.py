@@ -1,9 +1,10 @@
 """Head-wise budgets and value-aware re-scoring on top of SnapKV scores.
 
 * AdaKV (Feng et al. 2024): one top-k over all KV heads of a layer (the layer keeps
-  K * budget * T tokens, split among heads by score), with a safeguard giving every head at least
-  `safeguard` (0.2) of the mean per-head budget.
-* CriticalKV (Feng et al. 2025): keep half the budget by score alone, then rank the rest by
+  K * budget * T tokens, split among heads by score), with a safeguard giving every head its
+  window and at least `safeguard` (0.2) of the mean per-head budget beyond the window.
+* CriticalKV (Feng et al. 2025): keep the window and half the budget beyond it by score alone,
+  then rank the rest by
   score * ||W_o v||_1 (a value's effect on the layer output). `adaptive=True` is Critical-AdaKV
   (both stages head-wise, as AdaKV); `adaptive=False` is CriticalKV with SnapKV's uniform budgets.
 """
@@ -45,7 +46,7 @@ class AdaKV(SnapKV):
         _check_fraction("safeguard", self.safeguard)
 
     def select(self, layer, scores, n_keep, n_max, cache, obs):
-        return select_headwise(scores, n_keep, n_max, self.safeguard)
+        return select_headwise(scores, n_keep, n_max, self.safeguard, self.window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,13 +64,15 @@ class CriticalKV(AdaKV):
 
     def _select(self, scores, n_keep, n_max):
         if self.adaptive:
-            return select_headwise(scores, n_keep, n_max, self.safeguard)
+            return select_headwise(scores, n_keep, n_max, self.safeguard, self.window)
         return select_per_head(scores, n_keep, n_max)
 
     def select(self, layer, scores, n_keep, n_max, cache, obs):
-        # stage 1: half the budget (at least the window) by the attention score alone
-        n1 = jnp.maximum(jnp.floor(self.first_stage * n_keep).astype(jnp.int32),
-                         jnp.minimum(self.window, n_keep))
+        # stage 1: the window and half the budget beyond it by the attention score alone (the
+        # authors' first stage splits the budget without the window, as AdaKV's floor does)
+        beyond = jnp.maximum(n_keep - self.window, 0).astype(jnp.float32)
+        n1 = jnp.minimum(self.window + jnp.floor(self.first_stage * beyond + 1e-6).astype(jnp.int32),
+                         n_keep)
         first = self._select(scores, n1, n_max)
         # stage 2: the rest by score * ||W_o v||_1, stage-1 tokens forced in
         critical = jnp.clip(scores, 0.0, 1.0) * value_norms(cache, obs)

@@ -68,9 +68,13 @@ def avg_pool(x: jax.Array, kernel: int) -> jax.Array:
 
 def snapkv_scores(cache, obs, window: int, kernel: int) -> jax.Array:
     """float32 [B, K, T]: window attention averaged over the window queries and the G query heads
-    of each KV head, then average-pooled with `kernel`."""
-    probs = window_attention(cache, obs, window)  # [B, K, G, W, T]
-    return avg_pool(probs.mean(axis=(2, 3)), kernel)
+    of each KV head, then average-pooled with `kernel` over the prefix only (SnapKV pools the
+    scores of the tokens before the window, zero-padded at the prefix's end: the window's own
+    high self-attention does not spill onto the tokens just before it). The window's own
+    attention counts for nothing here; `prepare_scores` forces the window in."""
+    probs = window_attention(cache, obs, window).mean(axis=(2, 3))  # [B, K, T]
+    prefix = jnp.arange(probs.shape[-1])[None, :] < (obs.lengths - window)[:, None]  # [B, T]
+    return avg_pool(jnp.where(prefix[:, None, :], probs, 0.0), kernel)
 
 
 def value_norms(cache, obs, chunk: int = 256) -> jax.Array:
@@ -139,12 +143,15 @@ def select_per_head(scores: jax.Array, n_keep: jax.Array, n_max: int) -> jax.Arr
 
 
 def select_headwise(scores: jax.Array, n_keep: jax.Array, n_max: int,
-                    safeguard: float) -> jax.Array:
+                    safeguard: float, window: int) -> jax.Array:
     """AdaKV (Feng et al. 2024): one top-k over all heads of the layer for K * n_keep[b] tokens,
-    after guaranteeing each head its top floor(safeguard * n_keep[b]) tokens.
-    scores: [B, K, T] from prepare_scores -> bool [B, K, T]."""
+    after guaranteeing each head its window and the top floor(safeguard * (n_keep[b] - window))
+    tokens beyond it (AdaKV's floor is a share of the budget without the observation window:
+    its `base_capacity - window_size`). scores: [B, K, T] from prepare_scores (the window
+    forced) -> bool [B, K, T]."""
     b, kh, t = scores.shape
-    n_safe = jnp.floor(safeguard * n_keep.astype(jnp.float32)).astype(jnp.int32)
+    beyond = jnp.maximum(n_keep - window, 0).astype(jnp.float32)
+    n_safe = jnp.minimum(window + jnp.floor(safeguard * beyond + 1e-6).astype(jnp.int32), n_keep)
     safe = _rank_keep(scores, n_max, n_safe)
     boosted = jnp.where(safe, scores + 2 * FORCED, scores).reshape(b, 1, kh * t)
     keep = _rank_keep(boosted, kh * n_max, kh * n_keep)
