@@ -84,12 +84,14 @@ def held_out_errors(model, tokens, lengths, policies: Dict[str, object],
                 out[name].append(0.0)
                 continue
             pos = policy.observation_positions(lengths, t)
+            # a layer-invariant policy compiles once: layer 0 for every layer, as generate does
+            static_layer = 0 if getattr(policy, "layer_invariant", False) else layer
             obs = LayerObservation(
                 queries=jnp.take_along_axis(q_all, pos[:, None, :, None], axis=2).astype(q.dtype),
                 query_positions=pos, lengths=lengths,
                 o_proj=model.params["layers_%d" % layer]["self_attn"]["o_proj"]["kernel"],
-                inv_freq=inv_freq, layer=layer, extra_capacity=0, scale=scale)
-            ck, cv, cvalid = _compress_to_dense(policy, layer, cache, obs)
+                inv_freq=inv_freq, layer=static_layer, extra_capacity=0, scale=scale)
+            ck, cv, cvalid = _compress_to_dense(policy, static_layer, cache, obs)
             got = _dense_attend(qs, ck, cv, cvalid, scale)
             err = jnp.sqrt(((got - ref) ** 2).sum()) / jnp.sqrt((ref ** 2).sum())
             out[name].append(float(err))

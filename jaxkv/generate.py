@@ -431,11 +431,31 @@ def generate_shared(model: Model, prompts, max_new_tokens: int, policies: Sequen
     pad_to: pad the prompts to this many tokens (default: the next multiple of 64), so batches of
     slightly different lengths share one compiled program.
     """
-    from pallas_kernels.dispatch import kernel_mode
-
     cfg = model.config
     max_new_tokens = _check_new_tokens(max_new_tokens)
     policies = list(policies)
+    token_lists, tokens, lengths_in, columns, first, states, eos, mode = _shared_prefill(
+        model, prompts, max_new_tokens, policies, eos_ids, pad_to)
+    out = []
+    decode = _compiled_greedy_decode(cfg, max_new_tokens, eos, mode)
+    for p, (offset, width) in zip(policies, columns):
+        caches = compress_shared(p, states, lengths_in, offset, width, max_new_tokens, mode)
+        toks, caches, bad = decode(model.params, first, lengths_in, caches)
+        _check_logits(bad)
+        out.append(_generation(model, np.asarray(toks), caches, tokens.shape[1] + max_new_tokens,
+                               token_lists, eos, check_finite=p is not None))
+        del caches
+    return out
+
+
+def _shared_prefill(model: Model, prompts, max_new_tokens: int, policies: List[Any], eos_ids,
+                    pad_to):
+    """generate_shared's checks and its one prefill: (token lists, padded tokens, lengths, each
+    policy's observation columns, first tokens, per-layer (dense cache, observation), eos ids,
+    kernel mode)."""
+    from pallas_kernels.dispatch import kernel_mode
+
+    cfg = model.config
     if not policies:
         raise ValueError("policies: give at least one policy (None for the dense cache)")
     for i, p in enumerate(policies):
@@ -466,13 +486,19 @@ def generate_shared(model: Model, prompts, max_new_tokens: int, policies: Sequen
     first, states, bad = _compiled_shared_prefill(cfg, max_new_tokens, mode)(
         model.params, tokens_in, lengths_in, jnp.asarray(union))
     _check_logits(bad)
-    out = []
-    decode = _compiled_greedy_decode(cfg, max_new_tokens, eos, mode)
-    for p, (offset, width) in zip(policies, columns):
-        caches = compress_shared(p, states, lengths_in, offset, width, max_new_tokens, mode)
-        toks, caches, bad = decode(model.params, first, lengths_in, caches)
-        _check_logits(bad)
-        out.append(_generation(model, np.asarray(toks), caches, tokens.shape[1] + max_new_tokens,
-                               token_lists, eos, check_finite=p is not None))
-        del caches
-    return out
+    return token_lists, tokens, lengths_in, columns, first, states, eos, mode
+
+
+def shared_caches(model: Model, prompts, max_new_tokens: int, policies: Sequence[Any],
+                  pad_to: Optional[int] = None) -> List[tuple]:
+    """The caches `generate_shared` with the same arguments decodes from, one tuple of per-layer
+    caches per policy (None: the dense cache): the prompts' caches right after compression, before
+    any token is decoded, with room for `max_new_tokens` decoded tokens. It runs the same compiled
+    programs, so called after `generate_shared` it shows what each method kept (positions,
+    widths, bytes) at the cost of one more prefill and no new compilation."""
+    max_new_tokens = _check_new_tokens(max_new_tokens)
+    policies = list(policies)
+    _, _, lengths_in, columns, _, states, _, mode = _shared_prefill(
+        model, prompts, max_new_tokens, policies, None, pad_to)
+    return [compress_shared(p, states, lengths_in, offset, width, max_new_tokens, mode)
+            for p, (offset, width) in zip(policies, columns)]

@@ -44,3 +44,36 @@ def test_shared_prefill_checks_its_arguments(tiny):
         generate_shared(tiny, [[1, 5, 6]], 4, [])
     out, = generate_shared(tiny, np.array([[1, 5, 6]]), 4, [None], pad_to=16, eos_ids=())
     assert len(out.tokens[0]) == 4
+
+
+def test_shared_caches_are_the_caches_generate_shared_decodes_from(tiny):
+    """`shared_caches`: per policy, the per-layer caches right after compression; their bytes are
+    generate_shared's cache_bytes, the dense ones hold the forward pass's keys and values, and a
+    sparse cache's kept positions lie in the prompt and include its last `window` tokens."""
+    from jaxkv.cache import DenseCache, SparseCache, cache_nbytes
+    from jaxkv.diagnostics import layer_qkv
+    from jaxkv.generate import shared_caches
+    prompts = [ex.prompt_ids for ex in sample_examples(make_task("niah_single"), 2, 3)]
+    prompts[1] = prompts[1][:150]
+    policies = [None, jaxkv.make_policy("snapkv", 0.5, tiny, window=8)]
+    runs = generate_shared(tiny, prompts, 4, policies)
+    caches = shared_caches(tiny, prompts, 4, policies)
+    assert len(caches) == 2 and all(len(c) == tiny.config.num_layers for c in caches)
+    for out, layers in zip(runs, caches):
+        assert cache_nbytes(layers) == out.cache_bytes
+    tokens = np.zeros((2, max(map(len, prompts))), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    for layer, (dense, (_, k, v)) in enumerate(zip(caches[0], layer_qkv(tiny, tokens))):
+        assert isinstance(dense, DenseCache)
+        n = len(prompts[1])
+        np.testing.assert_allclose(np.asarray(dense.k[1, :, :n]),
+                                   np.asarray(k[1, :n].transpose(1, 0, 2)), atol=1e-5)
+    for cache in caches[1]:
+        assert isinstance(cache, SparseCache)
+        for i, p in enumerate(prompts):
+            pos = np.asarray(cache.positions[i])
+            heads = np.asarray(cache.heads[i])
+            assert pos.max() < len(p)
+            for h in range(tiny.config.num_kv_heads):
+                assert set(range(len(p) - 8, len(p))) <= set(pos[heads == h].tolist())
