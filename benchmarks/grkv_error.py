@@ -1,7 +1,8 @@
 """Attention-output error on held-out queries: GRKV against no merging and the merging baselines,
-all at the same retention (Critical-AdaKV) and budget, on the embedded long-context prompts.
+all at the same retention (Critical-AdaKV) and budget, on the embedded long-context prompts (the
+forms of configs/tiny.py BENCHMARK_TASKS, at --length tokens).
 
-    python benchmarks/grkv_error.py [--model jaxkv/assets/tiny_run3] [--budgets 0.1 0.2] [--n 16]
+    python benchmarks/grkv_error.py [--model jaxkv/assets/tiny] [--budgets 0.1 0.2] [--n 16]
 
 Per layer, relative error ||out_compressed - out_full|| / ||out_full|| over held-out queries
 (prompt queries at random positions away from GRKV's 32 reference positions and the observation
@@ -41,16 +42,19 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.model is None:
         from jaxkv.embedded import load_embedded
-        model = load_embedded(name="tiny_run3")  # the model of the published table
+        model = load_embedded()  # the shipped in-house model, jaxkv/assets/tiny
     else:
         model = jaxkv.load_hf(args.model)
+    from configs.tiny import BENCHMARK_TASKS
+    forms = {t.name: dict(t.settings, length=args.length) for t in BENCHMARK_TASKS
+             if t.name in TASKS}
     rng = np.random.default_rng(0)
     results = {}
     for budget in args.budgets:
         policies = {m: make_policy(m, budget, model, window=args.window) for m in METHODS}
         per_method = {m: [] for m in METHODS}
         for task_name in TASKS:
-            task = make_task(task_name, length=args.length)
+            task = make_task(task_name, **forms[task_name])
             exs = [task.sample(rng) for _ in range(args.n)]
             ids = [model.tokenizer.encode(e.prompt) for e in exs]
             tokens, lengths = pad_prompts(ids)

@@ -1,7 +1,7 @@
 """Do the heads RLKV keeps matter? Stream one KV head at a time (sink + window), every other head
 full, and compare the accuracy lost for heads RLKV keeps against heads it drops.
 
-    python benchmarks/rlkv_ablation.py --gates jaxkv/assets/tiny_run3/gates_rlkv.json --sparsity 0.5
+    python benchmarks/rlkv_ablation.py [--gates jaxkv/assets/tiny/gates_rlkv.json] --sparsity 0.5
 
 For each of the L * K heads: greedy pass@1 on the embedded reasoning tasks (the same --n problems
 for every head) with only that head streaming. Heads are "kept" / "dropped" by RLKV's selection at
@@ -33,11 +33,12 @@ def accuracies(model, pset, policies, batch_size):
 
 
 def main(argv=None):
-    from configs.tiny_run3 import BENCHMARK_TASKS
-    from jaxkv.embedded import load_embedded
+    from configs.tiny import BENCHMARK_TASKS
+    from jaxkv.embedded import ASSET_DIR, load_embedded
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gates", required=True)
+    ap.add_argument("--gates", default=os.path.join(ASSET_DIR, "gates_rlkv.json"),
+                    help="gate file (default: the RLKV gates shipped with the embedded model)")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--window", type=int, default=16)
@@ -46,7 +47,7 @@ def main(argv=None):
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default="runs/rlkv_ablation.json")
     args = ap.parse_args(argv)
-    model = load_embedded(args.model, name="tiny_run3")  # the model the gates were trained on
+    model = load_embedded(args.model)  # default: jaxkv/assets/tiny, the gates' model
     gates = load_gates(args.gates)
     layers, kv = gates.shape
     full_heads, _ = select_heads(tuple(map(tuple, gates.tolist())), args.sparsity)

@@ -1,8 +1,9 @@
 """How many full heads does a reasoning task need? A greedy search over which KV heads stream,
 against the order RLKV's (and DuoAttention's) gates give.
 
-    python benchmarks/rlkv_oracle.py --gates jaxkv/assets/tiny_run3/gates_rlkv.json \
-        --gates jaxkv/assets/tiny_run3/gates_duo.json
+    python benchmarks/rlkv_oracle.py --gates jaxkv/assets/tiny/gates_rlkv.json \
+        --gates jaxkv/assets/tiny/gates_duo.json
+    python benchmarks/rlkv_oracle.py --task var_chain --setting n_vars=16 --setting cot=backward
 
 Score of a head set: teacher-forced exact match, the fraction of problems whose every target token
 is the argmax of the model with those heads streaming (sink + window; prompt positions attend in
@@ -95,8 +96,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gates", action="append", default=[], help="gate file(s) to compare")
     ap.add_argument("--task", default="running_sum")
-    ap.add_argument("--setting", action="append", default=["n_digits=24"],
-                    help="task setting key=value (integers)")
+    ap.add_argument("--setting", action="append", default=None,
+                    help="task setting key=value (an integer or a word; repeatable; default for "
+                         "running_sum: n_digits=24)")
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--window", type=int, default=16)
     ap.add_argument("--n", type=int, default=200, help="problems in each of the two sets")
@@ -104,8 +106,11 @@ def main(argv=None):
     ap.add_argument("--model", default=None)
     ap.add_argument("--out", default="runs/rlkv_oracle.json")
     args = ap.parse_args(argv)
-    model = load_embedded(args.model, name="tiny_run3")  # the model the gates were trained on
-    settings = {k: int(v) for k, v in (s.split("=") for s in args.setting)}
+    model = load_embedded(args.model)  # default: jaxkv/assets/tiny, the shipped gates' model
+    if args.setting is None:
+        args.setting = ["n_digits=24"] if args.task == "running_sum" else []
+    settings = {k: int(v) if v.lstrip("-").isdigit() else v
+                for k, v in (s.split("=", 1) for s in args.setting)}
     task = make_task(args.task, **settings)
     shape = (model.config.num_layers, model.config.num_kv_heads)
     score = make_scorer(model, args.sink, args.window)

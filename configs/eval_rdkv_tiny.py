@@ -27,6 +27,5 @@ CONFIG = EvalConfig(
     n_samples=200,
     batch_size=50,
     seed=0,
-    model="tiny_run3",  # the published figures' model (--model overrides)
     pairs=(("rdkv", "snapkv"), ("rdkv", "snapkv_kivi4")),
 )

@@ -17,8 +17,7 @@ from jaxkv.policies.registry import available_methods, get_factory
 GATE_FILES = {"rlkv": os.path.join(ASSET_DIR, "gates_rlkv.json"),
               "duo": os.path.join(ASSET_DIR, "gates_duo.json")}
 METHODS = tuple(m for m in available_methods()
-                if (m not in GATE_FILES or os.path.exists(GATE_FILES[m]))
-                and not m.startswith("random_heads_"))  # extra seeds: configs/eval_rlkv_tiny.py
+                if m not in GATE_FILES or os.path.exists(GATE_FILES[m]))
 
 SETTINGS = {m: method_settings(m, get_factory(m)) for m in METHODS if m != "full"}
 for m, path in GATE_FILES.items():

@@ -19,8 +19,18 @@ A stage whose base export is already in <out>/base/model (or deeper, base/base/.
 it instead of retraining it. The task forms are those whose every step is a look-up keyed by the
 token just written or the one before it, which a model this small learns.
 """
-from configs.tiny_run3 import MODEL
+from jaxkv.model import ModelConfig
+from jaxkv.tasks import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 from train.pretrain import PretrainConfig, Stage, TaskMix, task_labels
+
+# 4 layers x 4 KV heads = 16 KV heads (G = 2 query heads per KV head), so keeping 20/40/60/80 % of
+# the heads are distinct settings.
+MODEL = ModelConfig(
+    vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=8,
+    num_kv_heads=4, head_dim=32, max_position_embeddings=1024, rope_theta=10000.0,
+    rms_norm_eps=1e-6, tie_word_embeddings=True, architecture="LlamaForCausalLM",
+    dtype="float32", bos_token_id=BOS_ID, eos_token_id=(EOS_ID,), pad_token_id=PAD_ID)
+
 
 # ---- 1. KEYS: induction warm-up, then every task at short lengths
 
@@ -51,7 +61,7 @@ WARMUP = PretrainConfig(
         Stage(steps=600, seq_len=112, tasks=SHORT),
     ),
     eval_tasks=tuple(t for t in SHORT if t.name != "induction_copy") + (copy_task(64, 8),),
-    init_std=0.02,  # the optimiser settings are PretrainConfig's defaults (configs/tiny_run3.py's)
+    init_std=0.02,  # the optimiser settings are PretrainConfig's defaults
 )
 
 # Fine-tune 1 (400 steps, batch 64, 7.5 min): the key-matching look-ups densely supervised (several
@@ -253,7 +263,7 @@ BENCHMARK = tuple(t.name for t in BENCHMARK_TASKS)
 #                    the streaming heads the gates are trained with (configs/rlkv/tiny.py)
 #   window 8, buffer 8: recent tokens H2O / R-KV always keep, and R-KV's decoding buffer (the
 #                    papers' 128-token buffer and large windows do not fit a 25% budget of ~190 slots)
-HEAD_LEVEL = ("rlkv", "duo", "random_heads", "random_heads_1", "random_heads_2")
+HEAD_LEVEL = ("rlkv", "duo", "random_heads")
 DECODE_EVICTION = ("h2o", "rkv")
 
 

@@ -1,13 +1,9 @@
-"""The embedded default models: tiny decoders trained by `python -m train pretrain` on the
+"""The embedded in-house model: a tiny decoder trained by `python -m train pretrain` on the
 generated tasks and shipped in the package (jaxkv/assets/<name>) so demos and tests start at once.
 
-* ``tiny`` (configs/tiny.py): the default; retrieval prompts of 224 tokens, every task in the forms
-  its recipe trains (configs/tiny.py: EVAL_TASKS).
-* ``tiny_run3`` (configs/tiny_run3.py): the default before it, same architecture and lengths; it
-  solves three of the seven tasks. The RLKV / DuoAttention gates and the RDKV eps table shipped
-  beside it, and the published figures of the RLKV, GRKV and RDKV issues, were measured on it.
-* ``tiny_long`` (configs/tiny_long.py): ``tiny_run3`` fine-tuned with skips in its RoPE positions
-  so its retrieval works on 1K-token prompts (context 2048).
+* ``tiny`` (configs/tiny.py): the default and only one; retrieval prompts of 224 tokens, every task
+  in the forms its recipe trains (configs/tiny.py: EVAL_TASKS). Its RLKV / DuoAttention gates
+  (gates_rlkv.json, gates_duo.json) and RDKV eps table (rdkv_eps.json) are shipped beside it.
 """
 from __future__ import annotations
 
@@ -17,8 +13,7 @@ from typing import Optional
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 #: name -> the config module whose `python -m train pretrain` run reproduces it
-EMBEDDED_CONFIGS = {"tiny": "configs.tiny", "tiny_run3": "configs.tiny_run3",
-                    "tiny_long": "configs.tiny_long"}
+EMBEDDED_CONFIGS = {"tiny": "configs.tiny"}
 
 
 def _asset_dir(name: str) -> str:
@@ -29,7 +24,6 @@ def _asset_dir(name: str) -> str:
 
 
 ASSET_DIR = _asset_dir("tiny")  # the default model's folder (its gates and eps table live there)
-RUN3_DIR = _asset_dir("tiny_run3")  # the model (and gates) the published figures were measured on
 
 
 def embedded_model_path(run_dir: Optional[str] = None, name: str = "tiny") -> Optional[str]:
@@ -54,7 +48,7 @@ def load_embedded(path: Optional[str] = None, dtype: str = "float32", name: str 
 
 def load_model(spec: Optional[str] = None, dtype: Optional[str] = None):
     """A model by spec: None or "embedded" -> the default tiny model (its asset, else
-    runs/tiny/model); else anything `jaxkv.load` takes (a registered name such as "tiny_run3" or
+    runs/tiny/model); else anything `jaxkv.load` takes (a registered name such as "tiny" or
     "smollm2-135m-instruct", a folder, a .gguf file). `dtype` None keeps the checkpoint's."""
     from jaxkv.models import load
     return load("tiny" if spec in (None, "embedded") else spec, dtype=dtype)

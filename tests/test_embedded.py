@@ -1,5 +1,5 @@
-"""The shipped embedded models: each is the one its committed config trains, every task is
-reported, and it solves its benchmark tasks (the config's BENCHMARK)."""
+"""The shipped embedded model (jaxkv/assets/tiny): it is the one its committed config trains, every
+task is reported, and it solves its benchmark tasks (the config's BENCHMARK)."""
 import importlib
 
 import pytest
@@ -8,11 +8,10 @@ from jaxkv.embedded import EMBEDDED_CONFIGS, embedded_model_path, embedded_repor
 from train.config_loading import load_config
 from train.pretrain import config_fingerprint, evaluate_tasks, task_labels
 
-N_FRESH = {"tiny": 40, "tiny_run3": 40, "tiny_long": 20}  # fresh examples per task, seeds unlike the report's
+N_FRESH = {"tiny": 40}  # fresh examples per task, seeds unlike the report's
 
 # jaxkv/assets/<name> is committed; `python -m train pretrain --config configs/<name>.py` reproduces
-# it (tiny: about 3 h on 2 cores; tiny_run3: 2 h 20 min; tiny_long: 50 min more). Skipped only in a checkout
-# without the asset.
+# it (tiny: about 3 h on 2 cores). Skipped only in a checkout without the asset.
 NAMES = [pytest.param(name, marks=pytest.mark.skipif(
     embedded_model_path(name=name) is None, reason=f"jaxkv/assets/{name} is missing"))
     for name in EMBEDDED_CONFIGS]
@@ -59,18 +58,19 @@ def test_report_accuracy_at_least_95_percent(name):
     assert {"running_sum", "niah_single", "passkey"} <= {t.name for t in config.BENCHMARK_TASKS}
 
 
-def test_long_model_is_evaluated_at_1k_tokens():
-    from configs.tiny_long import BENCHMARK_TASKS, CONFIG
-    lengths = {dict(t.settings).get("length") for t in BENCHMARK_TASKS} - {None}
+def test_1k_recipe_is_evaluated_at_1k_tokens():
+    """configs/tiny_1k.py (not shipped) fine-tunes the shipped model for 1K-token retrieval."""
+    from configs.tiny import CONFIG as SHIPPED
+    from configs.tiny_1k import CONFIG, EVAL_TASKS
+    lengths = {dict(t.settings).get("length") for t in EVAL_TASKS} - {None}
     assert lengths == {1024} and CONFIG.model.max_position_embeddings >= 1024 + 16
+    assert CONFIG.base == SHIPPED
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fresh_examples_are_solved(models, name):
     config = importlib.import_module(EMBEDDED_CONFIGS[name])
     tasks = config.BENCHMARK_TASKS
-    if name == "tiny_long":  # its reasoning task is its base's; the 1K prompts are what it adds
-        tasks = tuple(t for t in tasks if t.name != "running_sum")
     n = N_FRESH[name]
     acc = evaluate_tasks(_model(models, name), tasks, n, seed=777, batch_size=n)
     # fresh samples: >= 0.9 leaves room for sampling noise around a >= 0.95 model

@@ -298,16 +298,16 @@ def test_paper_config_code_path(tmp_path, name):
 
 
 def test_load_model_takes_embedded_names():
-    """"embedded" is the default model; an embedded name picks that one (the run-3 recipes
-    train on "tiny_run3"); anything else is a registered name, a folder or a .gguf file."""
-    from jaxkv.embedded import embedded_model_path
-    for name in ("tiny", "tiny_run3"):
-        if embedded_model_path(name=name) is None:
-            pytest.skip(f"jaxkv/assets/{name} is missing")
-    default, run3 = load_model("embedded"), load_model("tiny_run3")
-    assert default.path.endswith("tiny") and run3.path.endswith("tiny_run3")
-    import configs.duo.tiny_run3 as duo3
-    import configs.rlkv.tiny_run3 as rlkv3
-    assert rlkv3.CONFIG.model == duo3.CONFIG.model == "tiny_run3"
+    """"embedded" is the default model, as is its name "tiny" (the gate recipes train on
+    "embedded"); anything else is a registered name, a folder or a .gguf file."""
+    from jaxkv.embedded import EMBEDDED_CONFIGS, embedded_model_path
+    assert embedded_model_path(name="tiny") is not None, "jaxkv/assets/tiny is shipped"
+    assert list(EMBEDDED_CONFIGS) == ["tiny"]
+    default, by_name = load_model("embedded"), load_model("tiny")
+    assert default.path.endswith("tiny") and by_name.path == default.path
+    assert default.fingerprint == by_name.fingerprint
+    import configs.duo.tiny as duo
+    import configs.rlkv.tiny as rlkv
+    assert rlkv.CONFIG.model == duo.CONFIG.model == "embedded"
     with pytest.raises(ValueError, match="not a registered model"):
         load_model("no_such_folder")

@@ -10,9 +10,8 @@ Scaled for the tiny model: the same sink 4 + window 16 tokens as configs/rlkv/ti
 methods train the same mixed model and their gates are comparable; see the reasoning there),
 retrieval prompts of 96..224 tokens (the embedded model's evaluation length is 224) with 3..8
 keys, batches of 8 sequences, 200 steps. niah_multikey is in the form the default model
-answers (`quote=True, equals=False`: quoted answers, needles without `=`);
-configs/duo/tiny_run3.py is this recipe on run 3 (plain form), which trained the gates of the
-published figures (jaxkv/assets/tiny_run3/gates_duo.json).
+answers (`quote=True, equals=False`: quoted answers, needles without `=`). The shipped gates
+(jaxkv/assets/tiny/gates_duo.json) are this recipe's output.
 """
 from jaxkv.tasks import RETRIEVAL_TASKS
 from train.duo import DuoConfig
@@ -22,17 +21,14 @@ assert {"niah_multikey", "passkey"} <= set(RETRIEVAL_TASKS), RETRIEVAL_TASKS
 
 
 
-def retrieval_tasks(multikey_settings=(("quote", True), ("equals", False))):
-    return (
-        TaskMix("niah_multikey", 1.0, (("length", 96), ("n_keys", 3)) + multikey_settings),
-        TaskMix("niah_multikey", 1.0, (("length", 160), ("n_keys", 6)) + multikey_settings),
-        TaskMix("niah_multikey", 2.0, (("length", 224), ("n_keys", 8)) + multikey_settings),
-        TaskMix("passkey", 0.5, (("length", 160),)),
-        TaskMix("passkey", 0.5, (("length", 224),)),
-    )
-
-
-TASKS = retrieval_tasks()
+MULTIKEY = (("quote", True), ("equals", False))
+TASKS = (
+    TaskMix("niah_multikey", 1.0, (("length", 96), ("n_keys", 3)) + MULTIKEY),
+    TaskMix("niah_multikey", 1.0, (("length", 160), ("n_keys", 6)) + MULTIKEY),
+    TaskMix("niah_multikey", 2.0, (("length", 224), ("n_keys", 8)) + MULTIKEY),
+    TaskMix("passkey", 0.5, (("length", 160),)),
+    TaskMix("passkey", 0.5, (("length", 224),)),
+)
 
 CONFIG = DuoConfig(
     tasks=TASKS,

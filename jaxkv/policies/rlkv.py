@@ -490,23 +490,11 @@ def _rlkv(budget: float, model, gates=None, sink: int = 16, window: int = 64,
 @register_method("random_heads")
 def _random_heads(budget: float, model, seed: int = 0, sink: int = 16, window: int = 64,
                   prompt_len: Optional[int] = None):
-    """Baseline: the same deployment with uniform random gates (`random_gates(L, K, seed)`)."""
+    """Baseline: the same deployment with uniform random gates (`random_gates(L, K, seed)`); a
+    mean and spread over seeds is one run per `seed` setting."""
     c = model.config
     return policy_for_budget(RLKV, budget, model, random_gates(c.num_layers, c.num_kv_heads, seed),
                              sink, window, prompt_len, "random_heads")
-
-
-def _random_heads_seed(seed: int):
-    def factory(budget: float, model, sink: int = 16, window: int = 64,
-                prompt_len: Optional[int] = None):
-        return _random_heads(budget, model, seed=seed, sink=sink, window=window,
-                             prompt_len=prompt_len)
-    factory.__doc__ = f"random_heads with seed {seed} (for the mean and spread over seeds)"
-    return factory
-
-
-for _seed in (1, 2):  # "random_heads" itself is seed 0
-    register_method(f"random_heads_{_seed}", _random_heads_seed(_seed))
 
 
 __all__ = ["RLKV", "check_gates", "save_gates", "load_gates", "read_gate_file",
