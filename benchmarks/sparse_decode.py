@@ -3,6 +3,7 @@ the compression overhead (scores + GRKV solve) relative to prefill.
 
   python benchmarks/sparse_decode.py                       # contexts 8192 16384, budgets 0.1 0.2
   python benchmarks/sparse_decode.py --contexts 8192 32768 --overhead-context 4096
+  python benchmarks/sparse_decode.py --model smollm2-135m-instruct --no-decode   # real model
 
 Model: random Llama-style weights (ModelConfig below; --layers/--hidden/--heads/--kv-heads/
 --head-dim). Decode: caches of the given context are built directly (random keys/values; a
@@ -11,7 +12,9 @@ different count) because the layout, not the content, sets the decode cost; then
 model decode step (all layers: append + attention + MLP) is timed over --steps tokens, median of
 --repeats, compilation excluded. Overhead: jitted prefill of a --overhead-context prompt with no
 policy against prefill with SnapKV / Critical-AdaKV / GRKV compressing each layer; overhead =
-(t_policy - t_dense) / t_dense. Prints a table and writes JSON (--out).
+(t_policy - t_dense) / t_dense, all measured in one run. With --model (a name or path
+`jaxkv.load` takes) the overhead uses that model's weights and a real passkey prompt of
+--overhead-context tokens instead of random weights. Prints a table and writes JSON (--out).
 """
 from __future__ import annotations
 
@@ -53,12 +56,21 @@ def _caches(cfg, context, budget, steps, rng):
 
 
 def overhead(args, methods):
-    cfg = bench_config(args, args.overhead_context)
-    params = init_params(cfg, 0)
-    module = Decoder(cfg)
-    rng = np.random.default_rng(0)
     t = args.overhead_context
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(1, t)), jnp.int32)
+    if args.model:
+        import jaxkv
+        from jaxkv.tasks.text import make_text_examples
+        model = jaxkv.load(args.model)
+        cfg, params = model.config, model.params
+        ids = make_text_examples("passkey", model.tokenizer, t, 1, 0)[0].prompt_ids
+        t = len(ids)
+        tokens = jnp.asarray([ids], jnp.int32)
+    else:
+        cfg = bench_config(args, t)
+        params = init_params(cfg, 0)
+        rng = np.random.default_rng(0)
+        tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(1, t)), jnp.int32)
+    module = Decoder(cfg)
     lengths = jnp.asarray([t], jnp.int32)
 
     def prefill_fn(policy):
@@ -71,6 +83,8 @@ def overhead(args, methods):
 
     class _M:  # what make_policy needs of a model
         config = cfg
+    if args.model:
+        _M = model  # the real model, for make_policy
     dense_fn = prefill_fn(None)
     base = timed(lambda: dense_fn(params, tokens, lengths), args.repeats)
     out = {"prefill_s": base}
@@ -90,11 +104,14 @@ def main(argv=None):
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--overhead-context", type=int, default=4096)
     ap.add_argument("--no-overhead", action="store_true")
+    ap.add_argument("--no-decode", action="store_true", help="only the compression overhead")
+    ap.add_argument("--model", default=None,
+                    help="overhead on this model (name or path) and a real prompt, not random")
     ap.add_argument("--out", default="runs/sparse_decode.json")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     rows = []
-    for context in args.contexts:
+    for context in [] if args.no_decode else args.contexts:
         cfg = bench_config(args, context)
         params = init_params(cfg, 0)
         for budget in args.budgets:
@@ -115,15 +132,17 @@ def main(argv=None):
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"decode step (all {args.layers} layers, batch 1) on {result['platform']}")
-    print(f"{'context':>8} {'budget':>6} {'dense ms':>9} {'sparse ms':>9} {'speedup':>7} "
-          f"{'bytes ratio':>11} {'padding':>7}")
+    if rows:
+        print(f"decode step (all {args.layers} layers, batch 1) on {result['platform']}")
+        print(f"{'context':>8} {'budget':>6} {'dense ms':>9} {'sparse ms':>9} {'speedup':>7} "
+              f"{'bytes ratio':>11} {'padding':>7}")
     for r in rows:
         print(f"{r['context']:>8} {r['budget']:>6} {r['dense_ms']:>9.3f} {r['sparse_ms']:>9.3f} "
               f"{r['speedup']:>7.2f} {r['bytes_ratio']:>11.4f} {r['padding_slots']:>7}")
     if "overhead" in result:
         o = result["overhead"]
-        print(f"compression overhead at {args.overhead_context} tokens (prefill {o['prefill_s']:.3f} s):")
+        print(f"compression overhead at {args.overhead_context} tokens on "
+              f"{args.model or 'random weights'} (prefill {o['prefill_s']:.3f} s):")
         for m in ("snapkv", "critical_adakv", "grkv"):
             print(f"  {m:16s} {o[m]['overhead']:.3f}")
     print(f"wrote {args.out}")

@@ -26,13 +26,17 @@ PROMPT_BUCKET = 64
 class Generation:
     """tokens: the new tokens of each prompt, cut after the first EOS (EOS included).
     cache_bytes: bytes of the cache arrays actually held (kept prompt + decode room);
-    full_cache_bytes: bytes the dense cache of the same batch and capacity holds."""
+    full_cache_bytes: bytes the dense cache of the same batch and capacity holds;
+    kept_positions: (`generate_shared` only) bool [L, B, K, T], the prompt positions each layer's
+    KV heads held right after compression (`LayerCache.kept_positions`), None where a cache type
+    does not report them."""
 
     tokens: List[List[int]]
     texts: Optional[List[str]]
     cache_bytes: int
     full_cache_bytes: int
     prompt_lengths: List[int]
+    kept_positions: Optional[np.ndarray] = None
 
     @property
     def budget(self) -> float:
@@ -404,6 +408,14 @@ def rng_key(seed, name: str = "seed") -> jax.Array:
                      f"(jax.random.PRNGKey(n) or jax.random.key(n))")
 
 
+def kept_positions(caches, lengths, t: int) -> Optional[np.ndarray]:
+    """bool [L, B, K, t]: the prompt positions every layer's cache holds (None if a cache type
+    does not say: `LayerCache.kept_positions`)."""
+    if not all(hasattr(c, "kept_positions") for c in caches):
+        return None
+    return np.stack([np.asarray(c.kept_positions(lengths, t)) for c in caches])
+
+
 def compress_shared(policy, states, lengths, offset: int, width: int, max_new_tokens: int,
                     mode: str):
     """The per-layer caches `policy` keeps of a shared prefill's `states`."""
@@ -440,10 +452,12 @@ def generate_shared(model: Model, prompts, max_new_tokens: int, policies: Sequen
     decode = _compiled_greedy_decode(cfg, max_new_tokens, eos, mode)
     for p, (offset, width) in zip(policies, columns):
         caches = compress_shared(p, states, lengths_in, offset, width, max_new_tokens, mode)
+        kept = kept_positions(caches, lengths_in, tokens.shape[1])
         toks, caches, bad = decode(model.params, first, lengths_in, caches)
         _check_logits(bad)
         out.append(_generation(model, np.asarray(toks), caches, tokens.shape[1] + max_new_tokens,
                                token_lists, eos, check_finite=p is not None))
+        out[-1].kept_positions = kept
         del caches
     return out
 

@@ -8,12 +8,17 @@ cache types or sizes, e.g. PyramidKV budgets). Every per-layer cache is a pytree
   attend(q, scale) -> out   q: [B, H, D] -> out [B, H, D], via `pallas_kernels.dispatch`
   nbytes() -> int           every byte the arrays hold: codes, scales, indices, padding
   to_dense() -> (k, v, valid)   k, v: [B, K, S, D] and valid: bool [B, K, S] (for tests)
+  kept_positions(lengths, t) -> bool [B, K, t]   the prompt positions whose key and value the
+                            cache holds (at any precision), given the prompt lengths [B]; asked
+                            right after compression, before decoding (positions at or past a
+                            sequence's length are False)
 """
 from __future__ import annotations
 
 from typing import Protocol, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -33,6 +38,26 @@ def array_nbytes(*arrays) -> int:
     for a in jax.tree_util.tree_leaves(arrays):
         total += int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
     return total
+
+
+def positions_mask(heads: jax.Array, positions: jax.Array, num_kv_heads: int, t: int) -> jax.Array:
+    """bool [B, K, t]: True at (heads[b, n], positions[b, n]) for every slot n; a slot whose
+    head is out of [0, K) or whose position is out of [0, t) marks nothing.
+    heads, positions: int [B, N] (or heads broadcastable to positions)."""
+    b = positions.shape[0]
+    heads = jnp.broadcast_to(heads, positions.shape)
+    ok = (heads >= 0) & (heads < num_kv_heads) & (positions >= 0) & (positions < t)
+    bi = jnp.broadcast_to(jnp.arange(b)[:, None], positions.shape)
+    h = jnp.where(ok, heads, num_kv_heads)
+    p = jnp.where(ok, positions, t)
+    mask = jnp.zeros((b, num_kv_heads + 1, t + 1), bool).at[bi, h, p].set(True)
+    return mask[:, :num_kv_heads, :t]
+
+
+def prefix_mask(lengths: jax.Array, num_kv_heads: int, t: int) -> jax.Array:
+    """bool [B, K, t]: positions < lengths[b] for every head."""
+    m = jnp.arange(t)[None, None, :] < jnp.asarray(lengths)[:, None, None]
+    return jnp.broadcast_to(m, (m.shape[0], num_kv_heads, t))
 
 
 def cache_nbytes(caches: Sequence[LayerCache]) -> int:

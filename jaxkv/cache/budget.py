@@ -26,7 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxkv.cache.base import array_nbytes, batched_write
+from jaxkv.cache.base import array_nbytes, batched_write, positions_mask
 
 NEG_INF = -1e30
 
@@ -77,6 +77,12 @@ class BudgetCache:
 
     def valid(self) -> jax.Array:
         return self.positions >= 0
+
+    def kept_positions(self, lengths, t: int) -> jax.Array:
+        """The filled slots' positions, per head."""
+        b, kh, s = self.positions.shape
+        heads = jnp.broadcast_to(jnp.arange(kh)[None, :, None], (b, kh, s)).reshape(b, kh * s)
+        return positions_mask(heads, self.positions.reshape(b, kh * s), kh, t)
 
     def compaction_scores(self) -> jax.Array:
         """float32 [B, K, S]: higher = keep; the recent window and empty slots handled here."""

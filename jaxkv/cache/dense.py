@@ -5,7 +5,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxkv.cache.base import array_nbytes, batched_write
+from jaxkv.cache.base import array_nbytes, batched_write, prefix_mask
 
 
 @flax.struct.dataclass
@@ -50,6 +50,10 @@ class DenseCache:
 
     def nbytes(self) -> int:
         return array_nbytes(self.k, self.v, self.lengths)
+
+    def kept_positions(self, lengths, t: int) -> jax.Array:
+        """Every prompt position (the cache keeps them all)."""
+        return prefix_mask(lengths, self.k.shape[1], t)
 
     def to_dense(self):
         s = self.capacity

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkv.cache.base import array_nbytes, batched_write
+from jaxkv.cache.base import array_nbytes, batched_write, prefix_mask
 from jaxkv.cache.dense import DenseCache
 
 NEG_INF = -1e30  # as jaxkv.model.layers.NEG_INF
@@ -98,6 +98,10 @@ class GatedDenseCache:
     alpha: jax.Array
     sink: int = flax.struct.field(pytree_node=False)
     window: int = flax.struct.field(pytree_node=False)
+
+    def kept_positions(self, lengths, t: int) -> jax.Array:
+        """Every prompt position (the gates mix, they do not evict)."""
+        return prefix_mask(lengths, self.k.shape[1], t)
 
     @classmethod
     def from_dense(cls, cache: DenseCache, alpha, sink: int, window: int,

@@ -95,6 +95,15 @@ class HeadSplitCache:
             full_heads=self.full_heads, stream_heads=self.stream_heads,
             sink=0 if s is None else s.sink, window=0 if s is None else s.window, scale=scale)
 
+    def kept_positions(self, lengths, t: int) -> jax.Array:
+        """Each part's kept positions, KV heads in their original order."""
+        b = jnp.asarray(lengths).shape[0]
+        out = jnp.zeros((b, self.num_kv_heads, t), bool)
+        for heads, part in ((self.full_heads, self.full), (self.stream_heads, self.stream)):
+            if part is not None:
+                out = out.at[:, jnp.asarray(heads, jnp.int32)].set(part.kept_positions(lengths, t))
+        return out
+
     def nbytes(self) -> int:
         """Bytes of both parts (their k, v and int32 lengths / counts)."""
         return sum(part.nbytes() for part in (self.full, self.stream) if part is not None)

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkv.cache.base import array_nbytes, batched_write
+from jaxkv.cache.base import array_nbytes, batched_write, positions_mask
 from jaxkv.jsonio import write_json_atomic
 
 BIT_WIDTHS = (0, 2, 4, 8, 16)   # every width a token or channel may get (0 evicts, 16 keeps whole)
@@ -497,6 +497,22 @@ class QuantizedCache:
         return array_nbytes(self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale,
                             self.v_zero, self.positions, self.q_lengths, self.whole_k,
                             self.whole_v, self.whole_lengths)
+
+    def kept_positions(self, lengths, t: int) -> jax.Array:
+        """The quantised slots' positions (slot n = position n when `positions` is None) and the
+        whole zone's prompt tokens, the last whole_lengths[b] before lengths[b] (asked right
+        after compression, when the whole zone holds only prompt tokens)."""
+        lengths = jnp.asarray(lengths, jnp.int32)
+        b, kh = self.k_codes.shape[:2]
+        pos = jnp.arange(t)[None, None, :]
+        whole = (pos < lengths[:, None, None]) & \
+            (pos >= (lengths - self.whole_lengths)[:, None, None])
+        if self.positions is None:
+            quantised = pos < self.q_lengths[:, None, None]
+        else:
+            heads = jnp.broadcast_to(jnp.arange(kh)[None, :, None], self.positions.shape)
+            quantised = positions_mask(heads.reshape(b, -1), self.positions.reshape(b, -1), kh, t)
+        return jnp.broadcast_to(quantised | whole, (b, kh, t))
 
     def _dequantized(self):
         """(k, v) float32 [B, K, N, D] of the quantised slots (for tests)."""

@@ -23,7 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxkv.cache.base import array_nbytes, batched_write
+from jaxkv.cache.base import array_nbytes, batched_write, positions_mask
 
 
 @flax.struct.dataclass
@@ -104,6 +104,10 @@ class SparseCache:
     def nbytes(self) -> int:
         return array_nbytes(self.k, self.v, self.heads, self.positions, self.new_k, self.new_v,
                             self.new_lengths)
+
+    def kept_positions(self, lengths, t: int) -> jax.Array:
+        """The kept prompt slots' (head, position) pairs as a mask [B, K, t]."""
+        return positions_mask(self.heads, self.positions, self.num_kv_heads, t)
 
     def to_dense(self) -> Tuple[jax.Array, jax.Array, jax.Array]:
         """(k, v [B, K, S, D], valid [B, K, S]) with S = N + E: head h's kept prompt tokens in

@@ -32,7 +32,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxkv.cache.base import array_nbytes, batched_write
+from jaxkv.cache.base import array_nbytes, batched_write, positions_mask
 from jaxkv.cache.dense import DenseCache
 
 
@@ -149,6 +149,13 @@ class SinkWindowCache:
 
     def nbytes(self) -> int:
         return array_nbytes(self.k, self.v, self.counts)
+
+    def kept_positions(self, lengths, t: int) -> jax.Array:
+        """The sink and window slots' positions, the same for every head."""
+        pos = jnp.where(self.valid(), self.positions(), -1)
+        kh = self.k.shape[1]
+        return jnp.broadcast_to(positions_mask(jnp.zeros_like(pos), pos, 1, t),
+                                (pos.shape[0], kh, t))
 
     def to_dense(self) -> Tuple[jax.Array, jax.Array, jax.Array]:
         """(k, v [B, K, S, D] in slot order, valid bool [B, K, S])."""

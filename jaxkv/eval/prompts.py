@@ -47,6 +47,9 @@ class PromptSet:
     # text: every batch is padded to this many tokens (one compiled program per length); None:
     # each batch to the next multiple of 64 (the in-house tasks, as `generate` pads)
     pad_to: Optional[int]
+    # text tasks: per prompt, the token spans of each answer in it (`answer_token_spans`), from
+    # which records get the needle survival; None for the in-house tasks
+    needle_spans: Optional[List[Any]] = None
 
     def score(self, i: int, tokens: Sequence[int]) -> Tuple[float, str]:
         return self.scorer(i, tokens)
@@ -73,7 +76,7 @@ def prompt_set(model, task: str, length: Optional[int], n: int, seed: int,
 
 
 def _text_set(model, task, length, n, seed, settings, chat, max_new_tokens) -> PromptSet:
-    from jaxkv.tasks.text import TEXT_TASKS, make_text_examples, score_text
+    from jaxkv.tasks.text import TEXT_TASKS, answer_token_spans, make_text_examples, score_text
     if task not in TEXT_TASKS:
         raise ValueError(f"task={task!r}: not a real-text task; for model "
                          f"{getattr(model, 'name', None) or model.path!r} the tasks are "
@@ -96,7 +99,8 @@ def _text_set(model, task, length, n, seed, settings, chat, max_new_tokens) -> P
                      prompts=[list(ex.prompt_ids) for ex in examples],
                      answers=[list(ex.answers) for ex in examples], max_new_tokens=mnt,
                      eos_ids=tuple(model.config.eos_ids), chat=chat, scorer=scorer,
-                     pad_to=max(length, max(len(ex.prompt_ids) for ex in examples)))
+                     pad_to=max(length, max(len(ex.prompt_ids) for ex in examples)),
+                     needle_spans=[answer_token_spans(ex, tokenizer) for ex in examples])
 
 
 def _embedded_set(model, task, n, seed, settings, max_new_tokens) -> PromptSet:

@@ -20,7 +20,11 @@ A record (one per task, length, method and requested budget; "full" once at budg
     batches, read off the arrays), correct (the score of each example in sampling order: 0/1,
     or RULER's fraction of expected strings found), model {name, fingerprint}, dtype, chat,
     seed, batch_size, max_new_tokens, task_settings, method_settings, seconds (this method's
-    compress + decode time plus its share of the shared prefills), examples (a few completions)
+    compress + decode time plus its share of the shared prefills), needle_survival (per example:
+    the share of (answer, layer, KV head) triples where some occurrence of the answer kept all
+    its tokens right after compression, `jaxkv.tasks.text.needle_survival`; None for the
+    aggregation tasks, the in-house tasks and caches that do not report kept positions) and
+    needle_survival_mean, examples (a few completions)
 
 Resumption: a record in out_dir/results.json with the same key (`record_key`: task, length,
 method, budget, n, seed, model fingerprint, dtype, chat, batch size, max_new_tokens and both
@@ -35,11 +39,14 @@ import os
 import time
 from typing import Any, Dict, List, Mapping, Optional
 
+import numpy as np
+
 from jaxkv.eval.config import EvalConfig
 from jaxkv.eval.prompts import PromptSet, batches, prompt_set, resolve_chat, task_suite
 from jaxkv.eval.report import (PLOT_FILE, RESULTS_FILE, load_results, write_json,
                                write_results)
 from jaxkv.eval.stats import wilson_interval
+from jaxkv.tasks.text import needle_survival
 from jaxkv.policies.registry import make_policy
 
 PARTIAL_FILE = "partial.json"
@@ -215,13 +222,15 @@ def _run_batch(gen_mod, model, pset: PromptSet, idx, bi: int, jobs, partial, bat
     seconds = (time.perf_counter() - start) / len(jobs)
     share = len(idx) / len(rows)
     for job, gen in zip(jobs, gens):
-        scores, texts = [], []
-        for i, toks in zip(idx, gen.tokens):
+        scores, texts, survival = [], [], []
+        for r, (i, toks) in enumerate(zip(idx, gen.tokens)):
             s, text = pset.score(i, toks)
             scores.append(s)
             texts.append(text)
+            survival.append(None if gen.kept_positions is None or pset.needle_spans is None
+                            else needle_survival(gen.kept_positions[:, r], pset.needle_spans[i]))
         partial.setdefault(job.id, {})[str(bi)] = dict(
-            index=list(idx), scores=scores, completions=texts,
+            index=list(idx), scores=scores, completions=texts, needle_survival=survival,
             cache_bytes=gen.cache_bytes * share, full_bytes=gen.full_cache_bytes * share,
             seconds=seconds, prompt_tokens=sum(gen.prompt_lengths[:len(idx)]))
 
@@ -231,16 +240,20 @@ def _make_record(pset: PromptSet, job: _Job, done: Mapping[str, Any], config: Ev
     n = config.n_samples
     scores: List[Optional[float]] = [None] * n
     completions: List[Optional[str]] = [None] * n
+    survival: List[Optional[float]] = [None] * n
     cache = full = seconds = tokens = 0.0
     for b in range(n_batches):
         part = done[str(b)]
         for i, s, c in zip(part["index"], part["scores"], part["completions"]):
             scores[i], completions[i] = s, c
+        for i, sv in zip(part["index"], part.get("needle_survival") or []):
+            survival[i] = sv  # batches from before the field was recorded stay None
         cache += part["cache_bytes"]
         full += part["full_bytes"]
         seconds += part["seconds"]
         tokens += part["prompt_tokens"]
     k = float(sum(scores))
+    known = [s for s in survival if s is not None]
     lo, hi = wilson_interval(k, n)
     binary = all(s in (0.0, 1.0) for s in scores)
     return {
@@ -267,6 +280,8 @@ def _make_record(pset: PromptSet, job: _Job, done: Mapping[str, Any], config: Ev
         "task_settings": dict(config.task_settings.get(pset.task, {})),
         "method_settings": dict(job.settings),
         "seconds": round(seconds, 3),
+        "needle_survival": [None if s is None else round(s, 4) for s in survival],
+        "needle_survival_mean": (None if not known else round(float(np.mean(known)), 4)),
         "examples": [{"answer": a, "completion": c}
                      for a, c in zip(pset.answers[:_N_SHOWN], completions[:_N_SHOWN])],
     }

@@ -1109,8 +1109,67 @@ def make_text_examples(
     return out
 
 
+def answer_token_spans(example: TextExample, tokenizer) -> list[list[tuple[int, int]]]:
+    """Where each answer sits in the prompt, in tokens: for ``example.answers[i]``, the token
+    ranges ``[start, end)`` of ``example.prompt_ids`` covering each of its occurrences in
+    ``example.prompt_text`` (every occurrence: the passkey is written twice, a variable of the
+    chain on both sides of an assignment). Empty lists for the aggregation tasks, whose answers
+    are words spread over the whole prompt rather than a needle. Needs ``tokenizer.decode``
+    to give back ``prompt_text`` from ``prompt_ids`` (true of the tokenizers jaxkv loads)."""
+    if example.family == "aggregation":
+        return [[] for _ in example.answers]
+    ids, text = list(example.prompt_ids), example.prompt_text
+    if tokenizer.decode(ids) != text:
+        raise ValueError("answer_token_spans: tokenizer.decode(prompt_ids) differs from "
+                         "prompt_text; character offsets cannot be mapped to tokens")
+    cache: dict[int, int] = {0: 0, len(ids): len(text)}
+
+    def chars(i: int) -> int:  # characters decoded from the first i tokens (nondecreasing in i)
+        if i not in cache:
+            cache[i] = len(tokenizer.decode(ids[:i]))
+        return cache[i]
+
+    def first_token_reaching(c: int) -> int:  # smallest i with chars(i) >= c
+        lo, hi = 0, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if chars(mid) >= c:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    spans = []
+    for answer in example.answers:
+        found, at = [], text.find(answer)
+        while at >= 0:
+            start = max(first_token_reaching(at + 1) - 1, 0)  # the token holding char `at`
+            end = first_token_reaching(at + len(answer))
+            found.append((start, end))
+            at = text.find(answer, at + 1)
+        spans.append(found)
+    return spans
+
+
+def needle_survival(kept, spans: Sequence[Sequence[tuple[int, int]]]) -> Optional[float]:
+    """The share of (answer, layer, KV head) triples in which some occurrence of the answer has
+    every one of its tokens held by the cache. kept: bool [L, K, T] (one prompt's
+    `Generation.kept_positions[:, b]`); spans: `answer_token_spans` of that prompt. None when
+    no answer has a span (aggregation tasks)."""
+    kept = np.asarray(kept, bool)
+    shares = []
+    for occurrences in spans:
+        if not occurrences:
+            continue
+        whole = np.zeros(kept.shape[:2], bool)
+        for start, end in occurrences:
+            whole |= kept[:, :, start:end].all(axis=-1)
+        shares.append(whole.mean())
+    return float(np.mean(shares)) if shares else None
+
+
 __all__ = [
     "DEPTH_GRID", "FAMILIES", "METRICS", "TEXT_TASKS", "TextExample", "TextTask", "NiahText",
     "PasskeyText", "VariableTrackingText", "CommonWordsText", "FreqWordsText",
-    "make_text_examples", "score_text", "text_task",
+    "make_text_examples", "score_text", "text_task", "answer_token_spans", "needle_survival",
 ]
