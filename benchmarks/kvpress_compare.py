@@ -22,11 +22,20 @@ Run (from the repository root, main environment):
 It runs the jaxkv side in this process, then itself as `--side kvpress` through the venv's
 python (`--kvpress-python`, default /work/venvs/kvpress/bin/python; log in OUT/kvpress.log), then
 merges: prints a table and writes OUT/results.json, OUT/table.txt and OUT/kvpress_compare.png.
+The sides can also be run on their own: `--side jaxkv` (writes OUT/spec.json and
+OUT/jaxkv.jsonl), `--side kvpress --spec OUT/spec.json` (with the venv's python; writes
+OUT/kvpress.jsonl; --budgets / --methods / --extras given there run only those of the spec's
+jobs), `--side merge` (the same --tasks/--length/--n/--budgets as the run; it reports only the
+budgets and methods it is given). Each side appends one line per prompt and skips the prompts
+already in its file, so a killed run resumes where it stopped.
 `--parallel` starts the kvpress side as soon as the prompts are made, so both sides run at once
-(one thread each, timed under the same machine load). The sides can also be run on their own:
-`--side jaxkv` (writes OUT/spec.json and OUT/jaxkv.jsonl), `--side kvpress --spec OUT/spec.json`
-(with the venv's python; writes OUT/kvpress.jsonl), `--side merge`. Each side appends one line
-per prompt and skips the prompts already in its file, so a killed run resumes where it stopped.
+(one thread each): less wall time, but each side's timings then include the other's load, and
+the side that finishes first leaves the other alone; time without it (the default runs the
+sides one after the other). On a shared machine prefer the *_min_s timings of results.json.
+
+Cost, SmolLM2 at 2048 tokens, one thread per side on a shared 2-core machine: per prompt, a
+prefill of 7-50 s on either side (depending on the machine's load), 1-4 s per method's
+compression + 16 greedy tokens; KVzip's context reconstruction 2-8 prefills more.
 
 Pairs (jaxkv method <-> kvpress press), all with window 32 / window_size 32, kernel 5, sink 4,
 AdaKV safeguard 0.2, CriticalKV first stage 0.5, ChunkKV chunks of 10 tokens:
@@ -227,12 +236,16 @@ def _timing(items: Sequence[Tuple[dict, dict]]) -> dict:
     """Median prefill, compress, prefill+compress and decode seconds over the warm runs (those
     not marked cold; all of them when every one is)."""
     warm = [(r, x) for r, x in items if not (x.get("cold") or r.get("prefill_cold"))] or list(items)
+    both = [None if r.get("prefill_s") is None or x.get("compress_s") is None
+            else r["prefill_s"] + x["compress_s"] for r, x in warm]
     return dict(prefill_s=_median(r.get("prefill_s") for r, _ in warm),
                 compress_s=_median(x.get("compress_s") for _, x in warm),
-                prefill_compress_s=_median(
-                    None if r.get("prefill_s") is None or x.get("compress_s") is None
-                    else r["prefill_s"] + x["compress_s"] for r, x in warm),
+                prefill_compress_s=_median(both),
                 decode_s=_median(x.get("decode_s") for _, x in warm),
+                # the fastest prompt: the least disturbed by other load on a shared machine
+                prefill_compress_min_s=min((t for t in both if t is not None), default=None),
+                compress_min_s=min((x["compress_s"] for _, x in warm
+                                    if x.get("compress_s") is not None), default=None),
                 n_timed=len(warm))
 
 
@@ -325,7 +338,8 @@ def compare(jax_records: Sequence[dict], kv_records: Sequence[dict],
 
 
 def format_table(summary: dict, tasks: Sequence[str]) -> str:
-    """The printed table: one line per pair and budget, then the kvpress-only extras."""
+    """The printed table: one line per pair and budget (j|k: jaxkv | kvpress; seconds are medians
+    over the warm prompts, (min) the fastest one), then the kvpress-only extras."""
     def s(x, fmt="{:.2f}"):
         return "-" if x is None else fmt.format(x)
 
@@ -335,7 +349,7 @@ def format_table(summary: dict, tasks: Sequence[str]) -> str:
     head = (f"{'method':<15} {'budget':>6} {'keep/head j|k':>14} "
             + " ".join(f"{t[:13] + ' j|k':>17}" for t in tasks)
             + f" {'all j|k':>11} {'disagr':>6} {'txtdiff':>7} {'overlap':>7}"
-            + f" {'pre+cmp s j|k':>15} {'compress s j|k':>16} {'decode s j|k':>13}")
+            + f" {'pre+cmp s j|k':>15} {'(min)':>11} {'compress s j|k':>16} {'decode s j|k':>13}")
     lines = [head, "-" * len(head)]
     for r in summary["pairs"]:
         tj, tk = r["time_jaxkv"], r["time_kvpress"]
@@ -345,11 +359,13 @@ def format_table(summary: dict, tasks: Sequence[str]) -> str:
             cells.append(f"{'-':>17}" if pt is None else
                          f"{pt['jaxkv']:.2f}|{pt['kvpress']:.2f} ({pt['n']})".rjust(17))
         keep = f"{s(r['kept_per_head_jaxkv'], '{:.0f}')}|{s(r['kept_per_head_kvpress'], '{:.0f}')}"
+        fastest = both(tj.get("prefill_compress_min_s"), tk.get("prefill_compress_min_s"), "{:.1f}")
         lines.append(
             f"{r['label']:<15} {r['budget']:>6.3g} {keep:>14} " + " ".join(cells)
             + f" {r['acc_jaxkv']:.2f}|{r['acc_kvpress']:.2f}".rjust(12)
             + f" {r['disagree']:>6} {r['text_diff']:>7} {s(r['overlap']):>7}"
             + f" {both(tj['prefill_compress_s'], tk['prefill_compress_s'], '{:.1f}'):>15}"
+            + f" {fastest:>11}"
             + f" {both(tj['compress_s'], tk['compress_s'], '{:.3f}'):>16}"
             + f" {both(tj['decode_s'], tk['decode_s'], '{:.2f}'):>13}")
     if summary["extras"]:
@@ -808,7 +824,8 @@ def run_kvpress_side(spec_path: str, out_dir: str, only: Optional[dict] = None) 
             shared[(press_key, ratio)] = dict(run, _mask=name)
         for r in runs:
             r.pop("_mask", None)
-        if spec.get("hook_check") and not done and prompt is spec["prompts"][0]:
+        if (spec.get("hook_check") and only.get("hook_check", True) and not done
+                and prompt is spec["prompts"][0]):
             hook_check = check_hooks(model, ids, prompt, keys, values, hs, kws, attn, shim,
                                      compress_all, layer_masks, kvzip, reset_masks)
         if kvzip is not None:
@@ -1015,7 +1032,7 @@ def parse_args(argv=None):
     p.add_argument("--no-hook-check", dest="hook_check", action="store_false")
     p.add_argument("--parallel", action="store_true",
                    help="run the kvpress side while the jaxkv side runs (one thread each): "
-                        "half the wall time on two free cores, both timed under the same load")
+                        "less wall time, timings disturbed (see the docstring)")
     args = p.parse_args(argv)
     args.tasks = _csv(args.tasks)
     args.given = {k for k in ("budgets", "methods", "extras") if getattr(args, k) is not None}
@@ -1054,7 +1071,8 @@ def main(argv=None) -> Optional[dict]:
         only = dict(budgets=args.budgets if "budgets" in args.given else None,
                     labels=(args.methods if "methods" in args.given else
                             [p_.label for p_ in PAIRS])
-                    + (args.extras if "extras" in args.given else list(EXTRAS)))
+                    + (args.extras if "extras" in args.given else list(EXTRAS)),
+                    hook_check=args.hook_check)
         run_kvpress_side(args.spec, args.out, only)
         return None
     limit_threads(args.threads)

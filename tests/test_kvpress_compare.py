@@ -156,6 +156,8 @@ def test_compare_counts_disagreements_and_times():
     assert row["time_kvpress"]["n_timed"] == 3
     assert row["time_kvpress"]["prefill_compress_s"] == pytest.approx(3.2)
     assert row["time_kvpress"]["decode_s"] == pytest.approx(1.0)
+    assert row["time_kvpress"]["prefill_compress_min_s"] == pytest.approx(3.2)
+    assert row["time_jaxkv"]["prefill_compress_min_s"] == pytest.approx(2.1)
     extra = out["extras"][0]
     assert extra["label"] == "kvzip" and extra["acc_kvpress"] == pytest.approx(2 / 3)
     assert extra["per_task"]["niah"] == dict(n=1, kvpress=1.0)
