@@ -35,7 +35,16 @@ sides one after the other). On a shared machine prefer the *_min_s timings of re
 
 Cost, SmolLM2 at 2048 tokens, one thread per side on a shared 2-core machine: per prompt, a
 prefill of 7-50 s on either side (depending on the machine's load), 1-4 s per method's
-compression + 16 greedy tokens; KVzip's context reconstruction 2-8 prefills more.
+compression + 16 greedy tokens; KVzip's context reconstruction 2-8 prefills more. The issue's
+full size (4K, n=50 per task; about 2 min per prompt on the jaxkv side and 2 min + ~5.5 min of
+KVzip on the kvpress side at that load), KVzip on 10 prompts per task only:
+
+    nice -n 10 python benchmarks/kvpress_compare.py --length 4096 --n 50 \
+        --tasks passkey,niah_single_2 --budgets 0.1,0.25 --max-new-tokens 16 \
+        --extras expected_attention --out runs/kvpress_4k
+    nice -n 10 python benchmarks/kvpress_compare.py --length 4096 --n 10 \
+        --tasks passkey,niah_single_2 --budgets 0.1,0.25 --max-new-tokens 16 \
+        --methods full --extras kvzip --out runs/kvpress_4k_kvzip
 
 Pairs (jaxkv method <-> kvpress press), all with window 32 / window_size 32, kernel 5, sink 4,
 AdaKV safeguard 0.2, CriticalKV first stage 0.5, ChunkKV chunks of 10 tokens:
