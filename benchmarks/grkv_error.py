@@ -1,8 +1,10 @@
 """Attention-output error on held-out queries: GRKV against no merging and the merging baselines,
-all at the same retention (Critical-AdaKV) and budget, on the embedded long-context prompts (the
-forms of configs/tiny.py BENCHMARK_TASKS, at --length tokens).
+all at the same retention (Critical-AdaKV) and budget: on the in-house model its retrieval
+prompts (the forms of configs/tiny.py BENCHMARK_TASKS, at --length tokens); on a real model the
+real-text tasks (passkey, niah_single_2, niah_multikey_1, niah_multivalue, vt) at --length tokens.
 
-    python benchmarks/grkv_error.py [--model jaxkv/assets/tiny] [--budgets 0.1 0.2] [--n 16]
+    python benchmarks/grkv_error.py [--model tiny] [--budgets 0.1 0.2] [--n 16]
+    python benchmarks/grkv_error.py --model smollm2-135m-instruct --length 4096 --n 4 --window 32
 
 Per layer, relative error ||out_compressed - out_full|| / ||out_full|| over held-out queries
 (prompt queries at random positions away from GRKV's 32 reference positions and the observation
@@ -28,35 +30,50 @@ from jaxkv.tasks.batching import pad_prompts
 
 METHODS = ("critical_adakv", "cam", "nearest_merge", "kvmerger", "grkv")
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "passkey")
+TEXT_TASKS = ("passkey", "niah_single_2", "niah_multikey_1", "niah_multivalue", "vt")
+
+
+def task_prompts(model, task_name: str, n: int, length: int, rng, forms):
+    """Token ids of n prompts of one task: in-house tasks for the in-house model, real-text
+    tasks (seeded from rng) for any other."""
+    from jaxkv.eval.prompts import EMBEDDED, task_suite
+    if task_suite(model) == EMBEDDED:
+        task = make_task(task_name, **forms[task_name])
+        return [model.tokenizer.encode(task.sample(rng).prompt) for _ in range(n)]
+    from jaxkv.tasks.text import make_text_examples
+    seed = int(rng.integers(2 ** 31))
+    return [ex.prompt_ids for ex in make_text_examples(task_name, model.tokenizer, length, n, seed)]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    ap.add_argument("--model", default="tiny",
+                    help="a name or path jaxkv.load takes (default: the in-house model)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2])
     ap.add_argument("--n", type=int, default=16, help="prompts per task")
     ap.add_argument("--length", type=int, default=224)
-    ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--window", type=int, default=None,
+                    help="observation window (default: 8 on the in-house model's 224-token "
+                         "prompts, else 32, the methods' default)")
     ap.add_argument("--held-out", type=int, default=32)
     ap.add_argument("--out", default="runs/grkv_error.json")
     args = ap.parse_args(argv)
-    if args.model is None:
-        from jaxkv.embedded import load_embedded
-        model = load_embedded()  # the shipped in-house model, jaxkv/assets/tiny
-    else:
-        model = jaxkv.load_hf(args.model)
+    model = jaxkv.load(args.model)
     from configs.tiny import BENCHMARK_TASKS
+    from jaxkv.eval.prompts import EMBEDDED, task_suite
     forms = {t.name: dict(t.settings, length=args.length) for t in BENCHMARK_TASKS
              if t.name in TASKS}
+    in_house = task_suite(model) == EMBEDDED
+    tasks = TASKS if in_house else TEXT_TASKS
+    if args.window is None:
+        args.window = 8 if in_house else 32
     rng = np.random.default_rng(0)
     results = {}
     for budget in args.budgets:
         policies = {m: make_policy(m, budget, model, window=args.window) for m in METHODS}
         per_method = {m: [] for m in METHODS}
-        for task_name in TASKS:
-            task = make_task(task_name, **forms[task_name])
-            exs = [task.sample(rng) for _ in range(args.n)]
-            ids = [model.tokenizer.encode(e.prompt) for e in exs]
+        for task_name in tasks:
+            ids = task_prompts(model, task_name, args.n, args.length, rng, forms)
             tokens, lengths = pad_prompts(ids)
             lengths = jnp.asarray(lengths)
             avoid = [reference_positions(lengths, 32), last_positions(lengths, args.window)]
@@ -68,9 +85,9 @@ def main(argv=None):
                                 for m, v in per_method.items()}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"model": args.model or "embedded", "window": args.window, "n_per_task": args.n,
-                   "tasks": TASKS, "relative_error_per_layer": results}, f, indent=1)
-    print(f"relative attention-output error on held-out queries (mean over {len(TASKS)} tasks x "
+        json.dump({"model": args.model, "window": args.window, "n_per_task": args.n,
+                   "length": args.length, "tasks": tasks, "relative_error_per_layer": results}, f, indent=1)
+    print(f"relative attention-output error on held-out queries (mean over {len(tasks)} tasks x "
           f"{args.n} prompts), per layer and mean")
     for budget, table in results.items():
         print(f"budget {budget}")
