@@ -1,5 +1,6 @@
 """jaxkv.policies.rd_alloc: RDKV's Lagrangian bit allocation, checked against an exact knapsack
-DP."""
+DP: per token, per K channel, per RoPE channel pair, and with one water level across heads (a cost
+table per item)."""
 import itertools
 
 import jax
@@ -9,7 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jaxkv.policies.rd_alloc import (BitCost, allocate_bits, allocate_channel_bits,
-                                     exact_allocation)
+                                     allocate_pair_bits, allocate_with_costs, exact_allocation,
+                                     pair_costs, rope_pairs)
 
 SETTINGS = settings(max_examples=40, deadline=None)
 CHOICES = (0, 2, 4, 8, 16)
@@ -263,3 +265,116 @@ def test_errors():
         exact_allocation(w, EPS_V, -5)
     with pytest.raises(ValueError, match=r"weights\.shape=\(2, 4\): exact_allocation solves one"):
         exact_allocation(np.ones((2, 4)), EPS_V, 10)
+
+
+# ---- RoPE channel pairs and one water level across heads ----------------------------------------
+def test_rope_pairs_are_what_apply_rope_rotates():
+    """apply_rope (rotate-half) keeps x_i^2 + x_{i+D/2}^2 at every position: those two channels
+    are the pair that shares a K width."""
+    from jaxkv.model.layers import apply_rope
+    rng = np.random.default_rng(4)
+    d = 16
+    x = jnp.asarray(rng.normal(size=(1, 5, 2, d)), jnp.float32)  # [B, T, N, D]
+    inv = (10000.0 ** (-np.arange(0, d, 2) / d)).astype(np.float32)
+    y = apply_rope(x, jnp.asarray([[0, 3, 17, 250, 4000]]), inv)
+    np.testing.assert_allclose(rope_pairs(y * y), rope_pairs(x * x), rtol=1e-5)
+    assert not np.allclose(y * y, x * x)  # single channels do change
+    with pytest.raises(ValueError, match="head_dim=5"):
+        rope_pairs(np.ones(5))
+
+
+def test_pair_costs_hand_worked():
+    # 10 kept tokens in 2 groups: a pair at b bits costs 2 * (10 b + 32 * 2)
+    np.testing.assert_array_equal(pair_costs(10, 2), [0, 2 * (20 + 64), 2 * (40 + 64),
+                                                      2 * (80 + 64)])
+    np.testing.assert_array_equal(pair_costs(np.array([3, 0]), np.array([1, 0]), 4).shape, (2, 3))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2 ** 31 - 1), frac=st.floats(0.0, 1.1), convex=st.booleans())
+def test_pair_allocation_is_optimal_for_the_budget_it_uses(seed, frac, convex):
+    rng = np.random.default_rng(seed)
+    d = 2 * int(rng.integers(1, 5))                                   # 1..4 RoPE pairs
+    u = _weights(rng, (d,), zero_frac=0.2)
+    kept, groups = int(rng.integers(1, 70)), int(rng.integers(1, 4))
+    eps = EPS_K if convex else dict(zip((2, 4, 8), np.sort(rng.uniform(0, 1, size=3))[::-1]))
+    table = np.asarray(pair_costs(kept, groups))                      # [C]
+    budget = int(frac * (d // 2) * table[-1])
+    a = allocate_pair_bits(u, eps, budget, kept_tokens=kept, groups=groups)
+    bits = np.asarray(a.bits)
+    np.testing.assert_array_equal(bits[:d // 2], bits[d // 2:])       # one width a pair
+    used = int(a.cost)
+    assert used <= budget
+    assert used == sum(table[(0, 2, 4, 8).index(int(b))] for b in bits[:d // 2])
+    up = np.asarray(rope_pairs(u), np.float64)
+    costs = np.broadcast_to(table, (d // 2, 4))
+    pb, opt_used = exact_allocation(up, eps, used, choices=(0, 2, 4, 8), item_costs=costs)
+    _, opt_budget = exact_allocation(up, eps, budget, choices=(0, 2, 4, 8), item_costs=costs)
+    dist = float(a.distortion)  # over pair weights: the channels' u_i eps + u_j eps
+    assert dist == pytest.approx(_np_distortion(up, bits[:d // 2], eps), rel=1e-5, abs=1e-30)
+    tol = 1e-5 * (dist + opt_used) + 1e-7 * float(np.sum(up))
+    assert dist <= opt_used + tol and dist >= opt_budget - tol
+    # the exhaustive optimum over every pair width (a brute force of the DP on these sizes)
+    if d // 2 <= 3:
+        best = min(sum(float(ui) * {0: 1.0, 2: eps[2], 4: eps[4], 8: eps[8]}[b]
+                       for ui, b in zip(up, combo))
+                   for combo in itertools.product((0, 2, 4, 8), repeat=d // 2)
+                   if sum(table[(0, 2, 4, 8).index(b)] for b in combo) <= used)
+        assert opt_used == pytest.approx(best, rel=1e-12, abs=1e-300)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2 ** 31 - 1), frac=st.floats(0.0, 1.1))
+def test_one_water_level_across_heads_is_optimal_for_the_budget_it_uses(seed, frac):
+    """The tokens of K heads in one solve (`allocate_with_costs` over [K * T] items, each head's
+    tokens paying its own K row): the layer optimum at the cost it uses, and never worse than the
+    per-head split of the same bytes beyond one upgrade's distortion."""
+    rng = np.random.default_rng(seed)
+    kh, t = 2, 4
+    w = _weights(rng, (kh, t), zero_frac=0.2)
+    rows = rng.integers(0, 40, size=kh)                               # K bits a token, per head
+    per_head = np.stack([[0 if b == 0 else 8 * b + 16 + r for b in CHOICES] for r in rows])
+    costs = np.repeat(per_head[:, None, :], t, axis=1).reshape(kh * t, len(CHOICES))
+    budget = int(frac * costs[:, -1].sum())
+    a = allocate_with_costs(w.reshape(kh * t), EPS_V, budget, costs)
+    bits = np.asarray(a.bits)
+    used = int(a.cost)
+    assert used <= budget
+    assert used == sum(costs[i, CHOICES.index(int(b))] for i, b in enumerate(bits))
+    flat = w.reshape(-1).astype(np.float64)
+    _, opt_used = exact_allocation(flat, EPS_V, used, item_costs=costs)
+    _, opt_budget = exact_allocation(flat, EPS_V, budget, item_costs=costs)
+    dist = float(a.distortion)
+    tol = 1e-5 * (dist + opt_used) + 1e-7 * float(np.sum(flat))
+    assert dist <= opt_used + tol and dist >= opt_budget - tol
+    # the per-head split of the same budget is a feasible point of the layer problem
+    split = sum(exact_allocation(w[h].astype(np.float64), EPS_V, budget // kh,
+                                 item_costs=np.repeat(per_head[h][None], t, 0))[1]
+                for h in range(kh))
+    assert opt_budget <= split + tol
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2 ** 31 - 1), frac=st.floats(0.0, 1.0))
+def test_per_item_costs_meet_the_budget_within_one_percent(seed, frac):
+    rng = np.random.default_rng(seed)
+    w = _weights(rng, (2, 3 * 256))                                   # 3 heads' tokens a row
+    rows = rng.integers(0, 512, size=(2, 3))
+    per_head = np.where(np.asarray(CHOICES) > 0,
+                        np.asarray([TOKEN_COST(b) for b in CHOICES])[None, None, :]
+                        + rows[..., None], 0)                          # [2, 3, C]
+    costs = np.repeat(per_head[:, :, None, :], 256, axis=2).reshape(2, 3 * 256, len(CHOICES))
+    full = np.where(w > 0, costs[..., -1], 0).sum(-1)
+    budget = np.floor(full * frac)
+    a = allocate_with_costs(w, EPS_V, budget, costs)
+    cost = np.asarray(a.cost)
+    assert np.all(cost <= budget)
+    step = costs[..., -1].max()
+    big = budget >= 100 * step
+    assert np.all(cost[big] >= 0.99 * budget[big])
+    f = jax.jit(lambda w, b, c: allocate_with_costs(w, EPS_V, b, c).bits)   # traced costs
+    np.testing.assert_array_equal(f(w, budget, jnp.asarray(costs, jnp.int32)), a.bits)
+    with pytest.raises(ValueError, match="nondecreasing"):
+        allocate_with_costs(w, EPS_V, budget, costs[..., ::-1])
+    with pytest.raises(ValueError, match=r"costs.shape"):
+        allocate_with_costs(w, EPS_V, budget, costs[:, :5])

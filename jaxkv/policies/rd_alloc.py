@@ -32,6 +32,15 @@ V token of head dim 128 at b in {2, 4, 8}: 128 b code bits + 16 + 16 (fp16 scale
 `BitCost(128, 64, unquantized_overhead_bits=32)` charges 2048 + 32 there. Costs are integers and
 totals are summed in int32, so one solve (one head) must stay under 2^31 bits (256 MiB).
 
+Variants. `allocate_with_costs` takes a cost table per item ([..., N, C]) instead of one per
+head: items whose costs differ share one budget and one multiplier, e.g. the tokens of every KV
+head of a layer, each paying its own head's K row (RDKV's `water="layer"`: one water level
+across the heads), or K channel pairs of several heads. `allocate_pair_bits` gives both channels
+of a rotate-half RoPE pair (i, i + D/2: what `jaxkv.model.layers.apply_rope` rotates together,
+`rope_pairs`) one width, a pair costing its codes over the kept tokens plus a float16 scale and
+zero-point per channel and K group (`pair_costs`). `exact_allocation` (the knapsack DP) takes
+per-item costs too, for the tests.
+
 Shapes: weights [..., N] (leading dims, e.g. [L, K] layers and KV heads, solved independently),
 budget_bits a scalar or [...] (one budget per head). Everything is jnp, float32 and int32, and
 works under jit (with a traced budget, the checks that need its value are skipped).
@@ -203,20 +212,26 @@ def _check_budget(budget_bits, lead_shape, min_total=None) -> jax.Array:
 # ---- the solver ----------------------------------------------------------------------------------
 @jax.jit
 def _solve(w, eps_vec, bits_tab, cost_tab, budget) -> Allocation:
-    """w [..., N] float32 >= 0; eps_vec [C] float32; bits_tab [C] int32 ascending; cost_tab [..., C]
-    int32 (nondecreasing along C); budget [...] int32."""
+    """w [..., N] float32 >= 0; eps_vec [C] float32; bits_tab [C] int32 ascending; cost_tab
+    [..., N, C] int32, or [..., C] for every item alike (nondecreasing along C); budget [...]
+    int32."""
     lead = w.shape[:-1]
-    cost_tab = jnp.broadcast_to(cost_tab, lead + cost_tab.shape[-1:])      # [..., C]
+    n = w.shape[-1]
+    if cost_tab.ndim == len(lead) + 1:  # one cost table for every item of a head
+        cost_tab = cost_tab[..., None, :]
+    cost_tab = jnp.broadcast_to(cost_tab, lead + (n, cost_tab.shape[-1]))  # [..., N, C]
     wmax = jnp.max(w, axis=-1)                                            # [...]
     wn = w / jnp.where(wmax > 0, wmax, 1.0)[..., None]                    # [..., N], max 1
     cost_f = cost_tab.astype(jnp.float32)
 
+    def item_cost(idx):  # idx [..., N] -> int32 [..., N]
+        return jnp.take_along_axis(cost_tab, idx[..., None], axis=-1)[..., 0]
+
     def choose(lam):  # lam [...] -> choice index [..., N], total cost [...]
-        obj = wn[..., :, None] * eps_vec + lam[..., None, None] * cost_f[..., None, :]
+        obj = wn[..., :, None] * eps_vec + lam[..., None, None] * cost_f
         # obj: [..., N, C]
         idx = jnp.argmin(obj, axis=-1)             # ties: the fewest bits (costs ascend along C)
-        item_cost = jnp.take_along_axis(cost_tab, idx, axis=-1)            # [..., N]
-        return idx, jnp.sum(item_cost, axis=-1)
+        return idx, jnp.sum(item_cost(idx), axis=-1)
 
     # The allocations themselves (not only lam) travel through the loops: recomputing the argmin
     # for the same lam elsewhere may round a near-tie differently (fused multiply-adds), and the
@@ -272,8 +287,8 @@ def _solve(w, eps_vec, bits_tab, cost_tab, budget) -> Allocation:
 
     # Fill: upgrade items at the water level (choice differs between lo and hi), most distortion
     # saved per bit first, while the running total fits.
-    item_cost_hi = jnp.take_along_axis(cost_tab, idx_hi, axis=-1)          # [..., N]
-    item_cost_lo = jnp.take_along_axis(cost_tab, idx_lo, axis=-1)
+    item_cost_hi = item_cost(idx_hi)                                      # [..., N]
+    item_cost_lo = item_cost(idx_lo)
     dc = item_cost_lo - item_cost_hi                                      # [..., N] (>= 0)
     dd = wn * (eps_vec[idx_hi] - eps_vec[idx_lo])                         # [..., N]
     cand = (dc > 0) & (dd > 0)
@@ -286,7 +301,7 @@ def _solve(w, eps_vec, bits_tab, cost_tab, budget) -> Allocation:
     idx = jnp.where(upgrade & feasible[..., None], idx_lo, idx_hi)        # [..., N]
 
     bits = bits_tab[idx]                                                  # [..., N] int32
-    cost = jnp.sum(jnp.take_along_axis(cost_tab, idx, axis=-1), axis=-1)  # [...]
+    cost = jnp.sum(item_cost(idx), axis=-1)                               # [...]
     distortion = jnp.sum(w * eps_vec[idx], axis=-1)                       # [...]
     return Allocation(bits, cost, distortion, hi * wmax)
 
@@ -367,14 +382,89 @@ def allocate_channel_bits(u, eps_k: Mapping[int, float], budget_bits, max_bits: 
                   budget)
 
 
+def allocate_with_costs(weights, eps: Mapping[int, float], budget_bits, costs,
+                        choices: Sequence[int] = BIT_WIDTHS) -> Allocation:
+    """The Lagrangian allocation with a cost table per item: costs int [..., N, C] (bits of item
+    n at choices[c]; nondecreasing along C), e.g. items of several heads that share one budget
+    (one water level across the heads of a layer: weights [..., K * T]) or K channel pairs whose
+    costs depend on their head's kept tokens. May be traced; checked when concrete. Otherwise as
+    `allocate_bits`."""
+    choices = _check_choices(choices)
+    eps_vec = _eps_vector(eps, choices)
+    w = _check_weights(weights)
+    if isinstance(costs, jax.core.Tracer):
+        tab = costs.astype(jnp.int32)
+    else:
+        c = np.asarray(costs)
+        if c.dtype == bool or not np.issubdtype(c.dtype, np.integer):
+            raise ValueError(f"costs.dtype={c.dtype}: must be integer bits")
+        if np.any(c < 0) or np.any(np.diff(c, axis=-1) < 0):
+            raise ValueError("costs: must be >= 0 and nondecreasing in bits along the last axis")
+        if c.size and int(c.max(-1).sum(-1).max()) > _INT32_MAX:
+            raise ValueError("costs: totals overflow int32 (2^31 - 1 bits per solve)")
+        tab = jnp.asarray(c.astype(np.int32))
+    try:
+        if tab.shape[-1] != len(choices) or tab.ndim != w.ndim + 1:
+            raise ValueError
+        tab = jnp.broadcast_to(tab, w.shape + (len(choices),))
+    except (ValueError, TypeError):
+        raise ValueError(f"costs.shape={tuple(tab.shape)}: must be [..., N, C] with [..., N] = "
+                         f"weights.shape={tuple(w.shape)} and C={len(choices)} choices") from None
+    budget = _check_budget(budget_bits, w.shape[:-1])
+    return _solve(w, jnp.asarray(eps_vec, jnp.float32), jnp.asarray(choices, jnp.int32), tab,
+                  budget)
+
+
+def rope_pairs(x, axis: int = -1):
+    """Sum of the two channels of each rotate-half RoPE pair (i, i + D/2): [..., D] -> [..., D/2].
+    jaxkv.model.layers.apply_rope rotates x[i] with x[i + D/2] (the Hugging Face convention), so
+    a rotation moves a key's energy between exactly these two channels."""
+    x = jnp.moveaxis(jnp.asarray(x), axis, -1)
+    d = x.shape[-1]
+    if d % 2:
+        raise ValueError(f"head_dim={d}: RoPE pairs need an even number of channels")
+    return jnp.moveaxis(x[..., :d // 2] + x[..., d // 2:], -1, axis)
+
+
+def pair_costs(kept_tokens, groups, max_bits: int = 8, header_bits: int = 32):
+    """int32 [..., C] bits of one RoPE channel pair at each K width of (0, 2, 4, ...max_bits):
+    2 * (b * kept_tokens + header_bits * groups) for b > 0 (both channels' codes over the kept
+    tokens, and each channel's float16 scale and zero-point per K group), 0 when pruned."""
+    choices = tuple(b for b in BIT_WIDTHS if b <= max_bits)
+    kept = jnp.asarray(kept_tokens).astype(jnp.int32)[..., None]
+    grp = jnp.asarray(groups).astype(jnp.int32)[..., None]
+    bits = jnp.asarray(choices, jnp.int32)
+    return jnp.where(bits > 0, 2 * (bits * kept + header_bits * grp), 0)
+
+
+def allocate_pair_bits(u, eps_k: Mapping[int, float], budget_bits, *, kept_tokens, groups,
+                       max_bits: int = 8, header_bits: int = 32) -> Allocation:
+    """K widths per RoPE channel pair: both channels of a pair (i, i + D/2) get one width from
+    (0, 2, ... max_bits) (0 prunes both), minimising sum_c u_c eps_k(b_c) under budget_bits per
+    head; a pair costs `pair_costs(kept_tokens, groups)`. u: [..., D] channel weights;
+    kept_tokens, groups: [...] (may be traced). Returns an Allocation whose bits are per channel
+    [..., D] (the pair's width on both)."""
+    max_bits = check_bits(max_bits, (2, 4, 8, 16), name="max_bits")
+    choices = tuple(b for b in BIT_WIDTHS if b <= max_bits)
+    w = _check_weights(u, name="u")
+    up = rope_pairs(w)  # [..., D/2]
+    tab = pair_costs(kept_tokens, groups, max_bits, header_bits)  # [..., C]
+    budget = _check_budget(budget_bits, w.shape[:-1])
+    a = _solve(up, jnp.asarray(_eps_vector(eps_k, choices, name="eps_k"), jnp.float32),
+               jnp.asarray(choices, jnp.int32), tab, budget)
+    return a._replace(bits=jnp.concatenate([a.bits, a.bits], axis=-1))
+
+
 # ---- exact optimum (small instances, tests) ------------------------------------------------------
 def exact_allocation(weights, eps: Mapping[int, float], budget_bits,
                      cost_fn: Union[BitCost, Callable[[int], int], None] = None,
-                     choices: Sequence[int] = BIT_WIDTHS) -> Tuple[np.ndarray, float]:
+                     choices: Sequence[int] = BIT_WIDTHS,
+                     item_costs=None) -> Tuple[np.ndarray, float]:
     """The optimum of the same problem for one head, by dynamic programming over items with
     integer costs (numpy, float64): O(N * C * budget) time, for small instances and tests.
 
-    weights: [N] >= 0. Returns (bits int32 [N], distortion). Ties go to fewer bits.
+    weights: [N] >= 0; item_costs: optional int [N, C], a cost table per item (replaces cost_fn,
+    as `allocate_with_costs`). Returns (bits int32 [N], distortion). Ties go to fewer bits.
     """
     choices = _check_choices(choices)
     eps_vec = _eps_vector(eps, choices)
@@ -388,10 +478,14 @@ def exact_allocation(weights, eps: Mapping[int, float], budget_bits,
     if math.isnan(b) or b < 0:
         raise ValueError(f"budget_bits={budget_bits!r}: must be a number of bits >= 0")
     n = w.shape[0]
-    if b < n * costs[0]:
+    table = np.broadcast_to(costs, (n, len(choices))) if item_costs is None \
+        else np.asarray(item_costs, np.int64)
+    if table.shape != (n, len(choices)):
+        raise ValueError(f"item_costs.shape={table.shape}: must be ({n}, {len(choices)})")
+    if b < table[:, 0].sum():
         raise ValueError(f"budget_bits={budget_bits!r}: below the cheapest allocation "
-                         f"({n * int(costs[0])} bits)")
-    cap = int(min(math.floor(b), n * int(costs[-1])))
+                         f"({int(table[:, 0].sum())} bits)")
+    cap = int(min(math.floor(b), int(table[:, -1].sum())))
     # best[c]: least distortion of the items so far with total cost <= c.
     best = np.zeros(cap + 1)
     picks = np.zeros((n, cap + 1), np.int64)
@@ -399,7 +493,7 @@ def exact_allocation(weights, eps: Mapping[int, float], budget_bits,
         new = np.full(cap + 1, np.inf)
         arg = np.zeros(cap + 1, np.int64)
         for j in range(len(choices)):
-            c = int(costs[j])
+            c = int(table[i, j])
             if c > cap:
                 continue
             cand = np.full(cap + 1, np.inf)
@@ -412,6 +506,6 @@ def exact_allocation(weights, eps: Mapping[int, float], budget_bits,
     c = cap
     for i in range(n - 1, -1, -1):
         idx[i] = picks[i, c]
-        c -= int(costs[idx[i]])
+        c -= int(table[i, idx[i]])
     bits = np.asarray(choices, np.int32)[idx]
     return bits, float(np.sum(w * eps_vec[idx]))
