@@ -16,8 +16,9 @@ builders at compression --budget:
   sparse     SparseCache.from_selection: budget * context tokens per head on average, a different
              random count per head (AdaKV-style), random tokens
   quantized  KIVI-(--kivi-bits) via jaxkv.policies.kivi.KIVI (size fixed by the bit width)
-  mixed      MixedCache.from_allocation with RDKV(budget)'s layout (arena size, 4-bit K rows): a
-             random V width per token from {2, 4, 8, 16} filling each head's arena, the rest evicted
+  mixed      MixedCache.from_allocation with RDKV(budget)'s layout (arena size, per-head capacity,
+             4-bit K rows in groups of 32): a random V width per token from {2, 4, 8, 16}
+             filling each head's share of the arena, the rest evicted
 
 Each is attended through `cache.attend` (pallas_kernels.dispatch) traced twice: under
 `kernel_mode_override(mode)` (mode: tpu / gpu on those backends, --mode to force, e.g. interpret)
@@ -118,24 +119,27 @@ def build_cache(kind: str, key, shape: Shape, context: int, args):
             0, dense, pytypes.SimpleNamespace(lengths=dense.lengths, extra_capacity=0))
     elif kind == "mixed":
         from jaxkv.cache import MixedCache
+        from jaxkv.cache.mixed_format import GROUP, position_bytes, v_record_bytes
         from jaxkv.policies.rdkv import RDKV
-        from jaxkv.cache.mixed_format import record_bytes
-        policy = RDKV(budget=args.budget, window=32, k_bits=4)
+        policy = RDKV(budget=args.budget, window=32)
         item = jnp.dtype(shape.dtype).itemsize
-        r = policy.k_row_bytes(d)
-        arena = policy.arena_bytes(context, 0, kh, d, item)
+        arena, cap = policy.arena_sizes(context, 0, kh, d, item)
         widths = np.asarray([2, 4, 8, 16])
-        cost = np.asarray([record_bytes(int(w), r, d, item) for w in widths])
+        pb = position_bytes(context)
+        # every token also pays its 4-bit K row (D / 2 bytes) and its share of a group header
+        cost = np.asarray([v_record_bytes(int(w), d, pb) + d // 2 + 4 * d // GROUP + 1
+                           for w in widths])
 
         def make(key, dense):
             pick = jax.random.choice(key, 4, (shape.batch, kh, context),
                                      p=jnp.asarray([0.4, 0.3, 0.2, 0.1]))
-            used = jnp.cumsum(jnp.asarray(cost)[pick], axis=-1)  # [B, K, T] arena bytes so far
-            token_bits = jnp.where(used <= arena, jnp.asarray(widths)[pick], 0)  # fits: kept
-            channel_bits = jnp.full((shape.batch, kh, d), policy.k_bits, jnp.int32)
+            used = jnp.cumsum(jnp.asarray(cost)[pick], axis=-1)  # [B, K, T] bytes so far
+            token_bits = jnp.where(used + 4 * 4 * d <= cap, jnp.asarray(widths)[pick], 0)
+            channel_bits = jnp.full((shape.batch, kh, d), 4, jnp.int32)  # 4 bits a channel
             return MixedCache.from_allocation(dense.k, dense.v, dense.lengths, token_bits,
                                               channel_bits, window=policy.window,
-                                              arena_bytes=arena, k_row_bytes=r, extra_capacity=0)
+                                              arena_bytes=arena, head_capacity=cap,
+                                              extra_capacity=0)
     else:
         raise ValueError(f"cache type {kind!r}: choose from {', '.join(CACHE_TYPES)}")
 

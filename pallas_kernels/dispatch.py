@@ -138,28 +138,25 @@ def sparse_decode_attention(q, k, v, heads, new_k, new_v, new_lengths, *, scale:
         interpret=pltpu.InterpretParams() if mode == "interpret" else False)
 
 
-def mixed_decode_attention(q, arena, counts, k_channels, k_counts, k_scale, k_zero, whole_k,
-                           whole_v, whole_lengths, *, scale: float, k_row_bytes: int):
-    """q: [B, H, D]; RDKV's mixed-precision layer (byte arena of token records grouped by V bit
-    width, per-channel K scales in rank order, a whole zone in the cache dtype) -> [B, H, D].
+def mixed_decode_attention(q, arena, counts, k_channels, k_counts, whole_k, whole_v,
+                           whole_lengths, *, scale: float, head_capacity: int, pos_bytes: int):
+    """q: [B, H, D]; RDKV's mixed-precision layer (a byte arena per sequence of V records grouped
+    by bit width and K rows in groups of 32 with float16 headers, per-head channel ranks, a whole
+    zone in the cache dtype; `jaxkv.cache.mixed_format`) -> [B, H, D].
     Kernels: pallas_kernels.mixed_decode (TPU) and mixed_decode_gpu; see there."""
     from pallas_kernels import mixed_decode
+    args = (q, arena, counts, k_channels, k_counts, whole_k, whole_v, whole_lengths)
+    settings = dict(scale=scale, head_capacity=head_capacity, pos_bytes=pos_bytes)
     mode = kernel_mode()
     if mode == "gpu":
         from pallas_kernels import mixed_decode_gpu as gpu
-        if gpu.mixed_gpu_supported(q, whole_k, whole_v, k_row_bytes) is None:
-            return gpu.mixed_decode_attention_gpu(
-                q, arena, counts, k_channels, k_counts, k_scale, k_zero, whole_k, whole_v,
-                whole_lengths, scale=scale, k_row_bytes=k_row_bytes)
+        if gpu.mixed_gpu_supported(q, whole_k, whole_v) is None:
+            return gpu.mixed_decode_attention_gpu(*args, **settings)
     if mode not in ("tpu", "interpret"):
-        return mixed_decode.mixed_decode_attention_reference(
-            q, arena, counts, k_channels, k_counts, k_scale, k_zero, whole_k, whole_v,
-            whole_lengths, scale=scale, k_row_bytes=k_row_bytes)
+        return mixed_decode.mixed_decode_attention_reference(*args, **settings)
     from jax.experimental.pallas import tpu as pltpu
     return mixed_decode.mixed_decode_attention(
-        q, arena, counts, k_channels, k_counts, k_scale, k_zero, whole_k, whole_v, whole_lengths,
-        scale=scale, k_row_bytes=k_row_bytes,
-        interpret=pltpu.InterpretParams() if mode == "interpret" else False)
+        *args, **settings, interpret=pltpu.InterpretParams() if mode == "interpret" else False)
 
 
 def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, q_lengths,

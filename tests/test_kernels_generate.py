@@ -18,7 +18,7 @@ LAYOUTS = [
     ("snapkv", 0.5, {"window": 4}, "sparse_decode", "sparse_decode_attention"),
     ("kivi4", 1.0, {"window": 4, "group_size": 8}, "quantized_decode",
      "quantized_decode_attention"),
-    ("rdkv", 0.3, {"window": 4, "k_bits": 4, "eps": "default"}, "mixed_decode",
+    ("rdkv", 0.3, {"window": 4, "eps": "default"}, "mixed_decode",
      "mixed_decode_attention"),
 ]
 

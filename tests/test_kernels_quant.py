@@ -1,7 +1,8 @@
 """Pallas TPU decode kernels over the quantised caches, run in interpret mode on CPU against their
 plain-jnp references: `quantized_decode_attention` (KIVI-2/4, int8, SnapKV + KIVI, and per-token
 K groups with zero-points) and `mixed_decode_attention` (RDKV's byte arena, with every V width
-present, some absent, and widths the arena cannot hold).
+present, regions over one K group of 32 records, some absent, widths the head capacity cannot hold,
+and heads sharing one arena).
 
 Caches come from their own builders (the policies' `compress_layer`, `quantize_per_token`,
 `MixedCache.from_allocation`), so the kernels read real layouts. Every run draws fresh inputs (the
@@ -21,7 +22,8 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxkv.cache import DenseCache, MixedCache, QuantizedCache
-from jaxkv.cache.mixed_format import WIDTHS, record_bytes
+from jaxkv.cache.mixed import head_bytes_np
+from jaxkv.cache.mixed_format import position_bytes
 from jaxkv.cache.quant import quantize_per_token
 from jaxkv.model.decoder import LayerObservation
 from jaxkv.policies.kivi import KIVI, Int8, SnapKVKIVI
@@ -47,11 +49,11 @@ DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 _quant_reference = jax.jit(quantized_decode_attention_reference,
                            static_argnames=("scale", "k_bits", "v_bits", "k_group_tokens"))
 _mixed_reference = jax.jit(mixed_decode_attention_reference,
-                           static_argnames=("scale", "k_row_bytes"))
+                           static_argnames=("scale", "head_capacity", "pos_bytes"))
 _compress = jax.jit(lambda cache, obs, *, policy: policy.compress_layer(0, cache, obs),
                     static_argnames=("policy",))
 _from_allocation = jax.jit(MixedCache.from_allocation,
-                           static_argnames=("window", "arena_bytes", "k_row_bytes",
+                           static_argnames=("window", "arena_bytes", "head_capacity",
                                             "extra_capacity"))
 
 
@@ -171,16 +173,15 @@ def test_quantized_block_size_must_hold_whole_scale_groups():
 
 # ---- mixed-precision caches -------------------------------------------------------------------
 
-def _mixed_cache(rng, dim, dtype, lengths, per_head_counts, k_row_bytes, arena_extra, window=3,
-                 extra=2):
+def _mixed_cache(rng, dim, dtype, lengths, per_head_counts, k_bits, arena_extra, window=3,
+                 extra=2, pooled=False):
     """MixedCache.from_allocation with, for head h of sequence b, per_head_counts[(b + h) % n]
-    = {width: records} placed at random prompt positions, and random K channel widths filling
-    at most the K row. The arena holds the largest head's records plus `arena_extra` bytes."""
+    = {width: records} placed at random prompt positions, and random K widths per RoPE pair
+    averaging about `k_bits` a channel. The head capacity is the largest head's section plus
+    `arena_extra` bytes, the arena K of them (`pooled`: the heads' total, every head may span
+    it, as with one water level per layer)."""
     b, kh, t = len(lengths), 2, max(lengths)
-    item = jnp.dtype(dtype).itemsize
-    rec = {w: record_bytes(w, k_row_bytes, dim, item) for w in WIDTHS}
     bits = np.zeros((b, kh, t), np.int32)
-    used = []
     for bi in range(b):
         for h in range(kh):
             want = per_head_counts[(bi + h) % len(per_head_counts)]
@@ -189,51 +190,58 @@ def _mixed_cache(rng, dim, dtype, lengths, per_head_counts, k_row_bytes, arena_e
             for w, n in want.items():
                 bits[bi, h, free[at:at + n]] = w
                 at += n
-            used.append(sum(rec[w] * n for w, n in want.items()))
-    chans = rng.choice([0, 2, 4, 8], size=(b, kh, dim))
+    pairs = rng.choice([0, 2, 4, 8], size=(b, kh, dim // 2))
     for bi in range(b):
         for h in range(kh):
-            while chans[bi, h].sum() > 8 * k_row_bytes:
-                chans[bi, h, rng.choice(np.flatnonzero(chans[bi, h]))] //= 2
-    chans[chans == 1] = 0
+            while pairs[bi, h].sum() > k_bits * dim // 2:
+                pairs[bi, h, rng.choice(np.flatnonzero(pairs[bi, h]))] //= 2
+    pairs[pairs == 1] = 0
+    chans = np.concatenate([pairs, pairs], -1)
+    used = head_bytes_np(bits, chans, dim, position_bytes(t))
+    cap = int(used.max()) + arena_extra
+    arena = int(used.sum(-1).max()) + arena_extra if pooled else kh * cap
     k = rng.standard_normal((b, kh, t, dim)) * rng.uniform(0.3, 3, (1, 1, 1, dim))
     v = rng.standard_normal((b, kh, t, dim))
     return _run(_from_allocation, jnp.asarray(k, dtype), jnp.asarray(v, dtype),
                 jnp.asarray(lengths, jnp.int32), jnp.asarray(bits), jnp.asarray(chans),
-                window=window, arena_bytes=max(used) + arena_extra, k_row_bytes=k_row_bytes,
+                window=window, arena_bytes=arena, head_capacity=arena if pooled else cap,
                 extra_capacity=extra)
 
 
 def _mixed_args(cache: MixedCache):
-    return (cache.arena, cache.counts, cache.k_channels, cache.k_counts, cache.k_scale,
-            cache.k_zero, cache.whole_k, cache.whole_v, cache.whole_lengths)
+    return (cache.arena, cache.counts, cache.k_channels, cache.k_counts, cache.whole_k,
+            cache.whole_v, cache.whole_lengths)
 
 
-ALL_WIDTHS = [{16: 3, 8: 5, 4: 7, 2: 9}, {16: 1, 8: 2, 4: 3, 2: 5}]
+def _mixed_static(cache: MixedCache):
+    return dict(head_capacity=cache.head_capacity, pos_bytes=cache.pos_bytes)
+
+
+ALL_WIDTHS = [{16: 3, 8: 5, 4: 40, 2: 9}, {16: 1, 8: 2, 4: 3, 2: 70}]  # regions over 32 records
 SOME_ABSENT = [{8: 5, 2: 3}, {16: 2, 4: 7}, {}, {2: 11}]  # a head with no record at all
 
-# (name, G, D, dtype, lengths, counts per head, K row bytes, arena slack, block)
+# (name, G, D, dtype, lengths, counts per head, K bits a channel, arena slack, block, pooled)
 MIXED_CASES = [
-    ("all_widths", 4, 64, "f32", (40, 33), ALL_WIDTHS, 24, 13, 16),
-    # ... and a 0-length sequence: nothing valid anywhere -> zeros
-    ("some_absent", 7, 128, "bf16", (35, 0), SOME_ABSENT, 40, 7, 8),
-    # arena smaller than one 16-bit record: no 16-bit region at all (M_16 = 0)
-    ("no_16bit_room", 8, 128, "f32", (21, 20), [{8: 1, 4: 1, 2: 1}, {2: 3}], 64, 0, 2),
+    ("all_widths", 4, 64, "f32", (100, 83), ALL_WIDTHS, 4, 13, 32, False),
+    # ... and a 0-length sequence: nothing valid anywhere -> zeros; the heads share the arena
+    ("some_absent", 7, 128, "bf16", (35, 0), SOME_ABSENT, 3, 7, 64, True),
+    # capacity below one 16-bit record: no 16-bit view at all (M_16 = 0); every K channel pruned
+    ("no_16bit_room", 8, 128, "f32", (21, 20), [{4: 1, 2: 1}, {2: 3}], 0, 0, 32, False),
 ]
 
 
-@pytest.mark.parametrize("name,group,dim,dtype,lengths,counts,row_bytes,slack,block",
+@pytest.mark.parametrize("name,group,dim,dtype,lengths,counts,k_bits,slack,block,pooled",
                          MIXED_CASES, ids=[c[0] for c in MIXED_CASES])
-def test_mixed_kernel_on_rdkv_arenas(rng, name, group, dim, dtype, lengths, counts, row_bytes,
-                                     slack, block):
+def test_mixed_kernel_on_rdkv_arenas(rng, name, group, dim, dtype, lengths, counts, k_bits,
+                                     slack, block, pooled):
     dt = DTYPES[dtype]
-    cache = _mixed_cache(rng, dim, dt, lengths, counts, row_bytes, slack)
+    cache = _mixed_cache(rng, dim, dt, lengths, counts, k_bits, slack, pooled=pooled)
     if name == "no_16bit_room":
-        assert cache.arena_bytes < cache.record_sizes()[0]
+        assert cache.head_capacity < cache.record_sizes()[0]
     q = jnp.asarray(rng.standard_normal((len(lengths), 2 * group, dim)), dt)
-    out = _run(mixed_decode_attention, q, *_mixed_args(cache), scale=0.3, k_row_bytes=row_bytes,
-               block_size=block, whole_block_size=4, interpret=TPU_INTERPRET, poison=True)
-    expected = _run(_mixed_reference, q, *_mixed_args(cache), scale=0.3, k_row_bytes=row_bytes)
+    out = _run(mixed_decode_attention, q, *_mixed_args(cache), scale=0.3, block_size=block,
+               whole_block_size=4, interpret=TPU_INTERPRET, poison=True, **_mixed_static(cache))
+    expected = _run(_mixed_reference, q, *_mixed_args(cache), scale=0.3, **_mixed_static(cache))
     assert_close(out, expected, dt, f"{rng.seed_msg} {name} counts={np.asarray(cache.counts).tolist()}")
     if 0 in lengths:
         assert not np.asarray(out[list(lengths).index(0)], np.float32).any()
@@ -247,7 +255,7 @@ def test_dispatch_interpret_matches_reference(rng):
     dt = jnp.bfloat16
     dense, obs = _prefill(rng, 2, 2, 1, 40, 64, dt, (40, 23), extra=2, window=4)
     quant = _run(_compress, dense, obs, policy=KIVI(bits=2, residual=4, group_size=8))
-    mixed = _mixed_cache(rng, 64, dt, (40, 23), [{16: 2, 8: 3, 4: 1, 2: 4}], 16, 5)
+    mixed = _mixed_cache(rng, 64, dt, (40, 23), [{16: 2, 8: 3, 4: 1, 2: 4}], 2, 5)
     q = jnp.asarray(rng.standard_normal((2, 2, 64)), dt)
     for name, cache in (("QuantizedCache.attend", quant), ("MixedCache.attend", mixed)):
         def call():  # a fresh jit per call: the mode is read when tracing
@@ -278,10 +286,9 @@ def test_kernels_lower_for_tpu():
             s((b, kh, z, d), bf16), s((b, kh, z, d), bf16), s((b,), i32))
     text = jax.jit(kivi).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text
-    mixed = functools.partial(mixed_decode_attention, scale=0.1, k_row_bytes=64,
-                              whole_block_size=128)
-    args = (s((b, kh * g, d), bf16), s((b, kh, 40000), u8), s((b, kh, 4), i32), s((b, kh, d), u8),
-            s((b, kh, 3), i32), s((b, kh, d), f16), s((b, kh, d), f16), s((b, kh, z, d), bf16),
-            s((b, kh, z, d), bf16), s((b,), i32))
+    mixed = functools.partial(mixed_decode_attention, scale=0.1, head_capacity=40000,
+                              pos_bytes=2, whole_block_size=128)
+    args = (s((b, kh * g, d), bf16), s((b, 120000), u8), s((b, kh, 4), i32), s((b, kh, d), u8),
+            s((b, kh, 3), i32), s((b, kh, z, d), bf16), s((b, kh, z, d), bf16), s((b,), i32))
     text = jax.jit(mixed).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text

@@ -331,9 +331,11 @@ def _check_fingerprint(fp) -> str:
     return fp
 
 
-def save_eps(path: Union[str, os.PathLike], eps: EpsTable, model_fingerprint: str) -> None:
+def save_eps(path: Union[str, os.PathLike], eps: EpsTable, model_fingerprint: str,
+             extra: Optional[Mapping] = None) -> None:
     """Write the table as JSON, atomically (a temporary file in the same folder, then os.replace).
-    {"format": 1, "model_fingerprint": ..., "eps": {"k": {"2": e, ...}, "v": {...}}}."""
+    {"format": 1, "model_fingerprint": ..., "eps": {"k": {"2": e, ...}, "v": {...}}}, plus the
+    keys of `extra` (JSON values describing how it was measured, e.g. RDKV's k_group_tokens)."""
     eps = _check_eps_table(eps, "eps")
     _check_fingerprint(model_fingerprint)
     path = os.fspath(path)
@@ -342,6 +344,10 @@ def save_eps(path: Union[str, os.PathLike], eps: EpsTable, model_fingerprint: st
         raise ValueError(f"path={path!r}: folder {folder!r} does not exist")
     doc = {"format": 1, "model_fingerprint": model_fingerprint,
            "eps": {name: {str(b): e for b, e in table.items()} for name, table in eps.items()}}
+    for key, value in (extra or {}).items():
+        if key in doc:
+            raise ValueError(f"extra[{key!r}]: {key!r} is one of the table's own keys")
+        doc[key] = value
     write_json_atomic(doc, path, indent=2, sort_keys=True, trailing_newline=True)
 
 
