@@ -410,10 +410,8 @@ def rng_key(seed, name: str = "seed") -> jax.Array:
 
 def kept_positions(caches, lengths, t: int) -> Optional[np.ndarray]:
     """bool [L, B, K, t]: the prompt positions every layer's cache holds (None if a cache type
-    does not say: `LayerCache.kept_positions`). MixedCache's own `kept_positions()` (slot
-    positions, no arguments; its layout is being reworked) is not that protocol: None."""
-    from jaxkv.cache.mixed import MixedCache
-    if not all(hasattr(c, "kept_positions") and not isinstance(c, MixedCache) for c in caches):
+    does not say: `LayerCache.kept_positions`)."""
+    if not all(hasattr(c, "kept_positions") for c in caches):
         return None
     return np.stack([np.asarray(c.kept_positions(lengths, t)) for c in caches])
 
