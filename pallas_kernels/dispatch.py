@@ -139,14 +139,16 @@ def sparse_decode_attention(q, k, v, heads, new_k, new_v, new_lengths, *, scale:
 
 
 def mixed_decode_attention(q, arena, counts, k_channels, k_counts, whole_k, whole_v,
-                           whole_lengths, *, scale: float, head_capacity: int, pos_bytes: int):
+                           whole_lengths, *, scale: float, head_capacity: int, pos_bytes: int,
+                           max_records: int):
     """q: [B, H, D]; RDKV's mixed-precision layer (a byte arena per sequence of V records grouped
     by bit width and K rows in groups of 32 with float16 headers, per-head channel ranks, a whole
     zone in the cache dtype; `jaxkv.cache.mixed_format`) -> [B, H, D].
     Kernels: pallas_kernels.mixed_decode (TPU) and mixed_decode_gpu; see there."""
     from pallas_kernels import mixed_decode
     args = (q, arena, counts, k_channels, k_counts, whole_k, whole_v, whole_lengths)
-    settings = dict(scale=scale, head_capacity=head_capacity, pos_bytes=pos_bytes)
+    settings = dict(scale=scale, head_capacity=head_capacity, pos_bytes=pos_bytes,
+                    max_records=max_records)
     mode = kernel_mode()
     if mode == "gpu":
         from pallas_kernels import mixed_decode_gpu as gpu

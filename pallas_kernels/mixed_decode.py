@@ -36,7 +36,7 @@ from pallas_kernels.quantized_decode import EXACT, col_iota, dot_nn, dot_nt, row
 
 
 def _check_args(q, arena, counts, k_channels, k_counts, whole_k, whole_v, whole_lengths,
-                head_capacity, pos_bytes):
+                head_capacity, pos_bytes, max_records):
     b, h, d = q.shape
     kh = whole_k.shape[1]
     if q.ndim != 3 or whole_k.ndim != 4 or whole_k.shape[0] != b or whole_k.shape[3] != d \
@@ -56,6 +56,8 @@ def _check_args(q, arena, counts, k_channels, k_counts, whole_k, whole_v, whole_
         raise ValueError(f"head_capacity={head_capacity}: must be in [0, S={arena.shape[1]}]")
     if pos_bytes not in (2, 4):
         raise ValueError(f"pos_bytes={pos_bytes}: positions are int16 (2) or int32 (4)")
+    if max_records < 0:
+        raise ValueError(f"max_records={max_records}: must be >= 0")
 
 
 def _group_scores(qg, view, m: int):
@@ -73,16 +75,18 @@ def mixed_decode_attention_reference(q: jax.Array, arena: jax.Array, counts: jax
                                      k_channels: jax.Array, k_counts: jax.Array,
                                      whole_k: jax.Array, whole_v: jax.Array,
                                      whole_lengths: jax.Array, *, scale: float,
-                                     head_capacity: int, pos_bytes: int) -> jax.Array:
-    """q: [B, H, D] -> out [B, H, D] (dtype of q). See the module docstring for the layout."""
+                                     head_capacity: int, pos_bytes: int,
+                                     max_records: int) -> jax.Array:
+    """q: [B, H, D] -> out [B, H, D] (dtype of q). See the module docstring for the layout;
+    head_capacity, pos_bytes, max_records: the cache's static fields."""
     _check_args(q, arena, counts, k_channels, k_counts, whole_k, whole_v, whole_lengths,
-                head_capacity, pos_bytes)
+                head_capacity, pos_bytes, max_records)
     b, h, d = q.shape
     kh = whole_k.shape[1]
     g = h // kh
     qg = q.reshape(b, kh, g, d).astype(jnp.float32)  # [B, K, G, D]
     views = mixed_views(arena, counts, k_channels, k_counts, head_dim=d, pos_bytes=pos_bytes,
-                        head_capacity=head_capacity)
+                        head_capacity=head_capacity, max_records=max_records)
     scores, parts = [], []
     for w, view in views.items():
         m = view.valid.shape[-1]
@@ -331,12 +335,13 @@ def _mixed_kernel(counts_ref, wlen_ref, *refs, plan: _MixedPlan, names):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "head_capacity", "pos_bytes",
-                                             "block_size", "whole_block_size", "interpret",
-                                             "poison"))
+                                             "max_records", "block_size", "whole_block_size",
+                                             "interpret", "poison"))
 def mixed_decode_attention(q: jax.Array, arena: jax.Array, counts: jax.Array,
                            k_channels: jax.Array, k_counts: jax.Array, whole_k: jax.Array,
                            whole_v: jax.Array, whole_lengths: jax.Array, *, scale: float,
-                           head_capacity: int, pos_bytes: int, block_size: int = 256,
+                           head_capacity: int, pos_bytes: int, max_records: int,
+                           block_size: int = 256,
                            whole_block_size: Optional[int] = None, interpret=False,
                            poison: bool = False) -> jax.Array:
     """Pallas TPU kernel of `mixed_decode_attention_reference` (same arguments and result).
@@ -352,7 +357,7 @@ def mixed_decode_attention(q: jax.Array, arena: jax.Array, counts: jax.Array,
     poison: tests only; the output starts as NaN (aliased) so an unwritten tile shows up.
     """
     _check_args(q, arena, counts, k_channels, k_counts, whole_k, whole_v, whole_lengths,
-                head_capacity, pos_bytes)
+                head_capacity, pos_bytes, max_records)
     b, h, d = q.shape
     kh, z = whole_k.shape[1], whole_k.shape[2]
     if block_size < 1 or (whole_block_size is not None and whole_block_size < 1):
@@ -363,7 +368,7 @@ def mixed_decode_attention(q: jax.Array, arena: jax.Array, counts: jax.Array,
 
     # the wrapper's piece: per-width views of the arena (see the comment above)
     views = mixed_views(arena, counts, k_channels, k_counts, head_dim=d, pos_bytes=pos_bytes,
-                        head_capacity=head_capacity)
+                        head_capacity=head_capacity, max_records=max_records)
     regions, base = [], 0
     for ci, w in enumerate(WIDTHS):
         if w not in views:

@@ -76,11 +76,11 @@ def mixed_gpu_supported(q: jax.Array, whole_k: jax.Array, whole_v: jax.Array) ->
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "head_capacity", "pos_bytes",
-                                             "num_splits", "interpret"))
+                                             "max_records", "num_splits", "interpret"))
 def mixed_decode_attention_gpu(q: jax.Array, arena: jax.Array, counts: jax.Array,
                                k_channels: jax.Array, k_counts: jax.Array, whole_k: jax.Array,
                                whole_v: jax.Array, whole_lengths: jax.Array, *, scale: float,
-                               head_capacity: int, pos_bytes: int,
+                               head_capacity: int, pos_bytes: int, max_records: int,
                                num_splits: Optional[int] = None,
                                interpret: bool = False) -> jax.Array:
     """Mosaic GPU version of `mixed_decode_attention_reference` (same arguments and result).
@@ -93,7 +93,7 @@ def mixed_decode_attention_gpu(q: jax.Array, arena: jax.Array, counts: jax.Array
     if reason is not None:
         raise ValueError(reason)
     _check_args(q, arena, counts, k_channels, k_counts, whole_k, whole_v, whole_lengths,
-                head_capacity, pos_bytes)
+                head_capacity, pos_bytes, max_records)
     b, h, d = q.shape
     kh, z = whole_k.shape[1], whole_k.shape[2]
     g = h // kh
@@ -103,7 +103,7 @@ def mixed_decode_attention_gpu(q: jax.Array, arena: jax.Array, counts: jax.Array
 
     parts = []
     views = mixed_views(arena, counts, k_channels, k_counts, head_dim=d, pos_bytes=pos_bytes,
-                        head_capacity=head_capacity)
+                        head_capacity=head_capacity, max_records=max_records)
     for ci, w in enumerate(WIDTHS):
         if w not in views:
             continue

@@ -31,7 +31,7 @@ ON_GPU = jax.default_backend() in ("gpu", "cuda")
 INTERPRET = not ON_GPU  # one test body: compiled on a GPU, interpreted on CPU
 DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16}
 _reference = jax.jit(mixed_decode_attention_reference,
-                     static_argnames=("scale", "head_capacity", "pos_bytes"))
+                     static_argnames=("scale", "head_capacity", "pos_bytes", "max_records"))
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +79,7 @@ def test_mixed_gpu_lowers_for_cuda():
     b, kh, g, d, z = 2, 8, 4, 128, 161
     bf16, u8, i32 = jnp.bfloat16, jnp.uint8, jnp.int32
     fn = functools.partial(mixed_decode_attention_gpu, scale=0.1, head_capacity=40000,
-                           pos_bytes=2)
+                           pos_bytes=2, max_records=3000)
     args = (s((b, kh * g, d), bf16), s((b, kh * 40000), u8), s((b, kh, 4), i32),
             s((b, kh, d), u8), s((b, kh, 3), i32), s((b, kh, z, d), bf16),
             s((b, kh, z, d), bf16), s((b,), i32))

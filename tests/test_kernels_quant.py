@@ -49,7 +49,8 @@ DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 _quant_reference = jax.jit(quantized_decode_attention_reference,
                            static_argnames=("scale", "k_bits", "v_bits", "k_group_tokens"))
 _mixed_reference = jax.jit(mixed_decode_attention_reference,
-                           static_argnames=("scale", "head_capacity", "pos_bytes"))
+                           static_argnames=("scale", "head_capacity", "pos_bytes",
+                                            "max_records"))
 _compress = jax.jit(lambda cache, obs, *, policy: policy.compress_layer(0, cache, obs),
                     static_argnames=("policy",))
 _from_allocation = jax.jit(MixedCache.from_allocation,
@@ -214,7 +215,8 @@ def _mixed_args(cache: MixedCache):
 
 
 def _mixed_static(cache: MixedCache):
-    return dict(head_capacity=cache.head_capacity, pos_bytes=cache.pos_bytes)
+    return dict(head_capacity=cache.head_capacity, pos_bytes=cache.pos_bytes,
+                max_records=cache.max_records)
 
 
 ALL_WIDTHS = [{16: 3, 8: 5, 4: 40, 2: 9}, {16: 1, 8: 2, 4: 3, 2: 70}]  # regions over 32 records
@@ -287,7 +289,7 @@ def test_kernels_lower_for_tpu():
     text = jax.jit(kivi).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text
     mixed = functools.partial(mixed_decode_attention, scale=0.1, head_capacity=40000,
-                              pos_bytes=2, whole_block_size=128)
+                              pos_bytes=2, max_records=n, whole_block_size=128)
     args = (s((b, kh * g, d), bf16), s((b, 120000), u8), s((b, kh, 4), i32), s((b, kh, d), u8),
             s((b, kh, 3), i32), s((b, kh, z, d), bf16), s((b, kh, z, d), bf16), s((b,), i32))
     text = jax.jit(mixed).trace(*args).lower(lowering_platforms=("tpu",)).as_text()

@@ -123,6 +123,7 @@ class MixedCache:
     window: int = flax.struct.field(pytree_node=False)
     head_capacity: int = flax.struct.field(pytree_node=False)
     pos_bytes: int = flax.struct.field(pytree_node=False)
+    max_records: int = flax.struct.field(pytree_node=False)  # T: records a head may hold
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -278,7 +279,7 @@ class MixedCache:
         return cls(arena=arena, counts=counts, k_channels=perm.astype(chan_dtype),
                    k_counts=k_counts, whole_k=jnp.pad(gather(k), pad),
                    whole_v=jnp.pad(gather(v), pad), whole_lengths=n_win, lengths=lengths,
-                   window=window, head_capacity=c, pos_bytes=pb)
+                   window=window, head_capacity=c, pos_bytes=pb, max_records=t)
 
     @staticmethod
     def _check_allocation(token_bits, channel_bits, d, pb, c, s) -> None:
@@ -322,7 +323,7 @@ class MixedCache:
         """{bits: RegionView} (`jaxkv.cache.mixed_format.mixed_views`)."""
         return mixed_views(self.arena, self.counts, self.k_channels, self.k_counts,
                            head_dim=self.head_dim, pos_bytes=self.pos_bytes,
-                           head_capacity=self.head_capacity)
+                           head_capacity=self.head_capacity, max_records=self.max_records)
 
     def append(self, k: jax.Array, v: jax.Array) -> "MixedCache":
         """k, v: [B, K, D] written to the whole zone (cache dtype) at slot whole_lengths[b].
@@ -338,7 +339,7 @@ class MixedCache:
         return dispatch.mixed_decode_attention(
             q, self.arena, self.counts, self.k_channels, self.k_counts, self.whole_k,
             self.whole_v, self.whole_lengths, scale=scale, head_capacity=self.head_capacity,
-            pos_bytes=self.pos_bytes)
+            pos_bytes=self.pos_bytes, max_records=self.max_records)
 
     def nbytes(self) -> int:
         return array_nbytes(self.arena, self.counts, self.k_channels, self.k_counts, self.whole_k,

@@ -45,9 +45,10 @@ The allocator gives both channels of a RoPE pair (i, i + D / 2, rotate-half) one
 V record bytes (a contiguous window: records have static sizes), the K codes unpacked to
 uint8 [M, D] in channel order (a gather of one R_max = D byte window per row, then one shift and
 mask per channel) and the group scales and zero-points [M / 32, D] in channel order (zero for
-pruned channels), M = ceil((C // v_record_bytes(w)) / 32) * 32 rows, rows past the region's count
-zeroed. C, the head capacity, is the most bytes one head may hold: the arena share of a head
-(RDKV's per-head split) or the whole arena (one water level across the heads of a layer).
+pruned channels), M = ceil(min(C // v_record_bytes(w), T) / 32) * 32 rows (T, the padded prompt
+length, bounds a head's records), rows past the region's count zeroed. C, the head capacity, is
+the most bytes one head may hold: the arena share of a head (RDKV's per-head split) or the whole
+arena (one water level across the heads of a layer).
 """
 from __future__ import annotations
 
@@ -148,9 +149,12 @@ def head_starts(total):
     return jnp.cumsum(total, -1) - total
 
 
-def view_rows(head_capacity: int, bits: int, head_dim: int, pos_bytes: int) -> int:
-    """M: rows of a region's view (a multiple of GROUP, 0 when no record fits the capacity)."""
-    m = head_capacity // v_record_bytes(bits, head_dim, pos_bytes)
+def view_rows(head_capacity: int, bits: int, head_dim: int, pos_bytes: int,
+              max_records: int) -> int:
+    """M: rows of a region's view: the records of this width the capacity could hold, at most
+    `max_records` (a head has at most one record per prompt token), rounded up to a multiple of
+    GROUP; 0 when no record fits the capacity."""
+    m = min(head_capacity // v_record_bytes(bits, head_dim, pos_bytes), max_records)
     return -(-m // GROUP) * GROUP
 
 
@@ -219,9 +223,10 @@ def _windows(flat: jax.Array, starts: jax.Array, size: int) -> jax.Array:
 
 
 def mixed_views(arena: jax.Array, counts: jax.Array, k_channels: jax.Array,
-                k_counts: jax.Array, *, head_dim: int, pos_bytes: int,
-                head_capacity: int) -> Dict[int, RegionView]:
-    """{bits: RegionView} for the regions whose view has rows (see the module docstring)."""
+                k_counts: jax.Array, *, head_dim: int, pos_bytes: int, head_capacity: int,
+                max_records: int) -> Dict[int, RegionView]:
+    """{bits: RegionView} for the regions whose view has rows (see the module docstring);
+    max_records: the most records a head holds (the padded prompt length)."""
     b, s = arena.shape
     kh = counts.shape[1]
     d = head_dim
@@ -229,7 +234,7 @@ def mixed_views(arena: jax.Array, counts: jax.Array, k_channels: jax.Array,
     lay = head_layout(counts, k_counts, d, pos_bytes)
     starts = head_starts(lay.total)  # [B, K]
     rec = v_record_sizes(d, pos_bytes)
-    ms = {w: view_rows(head_capacity, w, d, pos_bytes) for w in WIDTHS}
+    ms = {w: view_rows(head_capacity, w, d, pos_bytes, max_records) for w in WIDTHS}
     v_win = max([ms[w] * rec[i] for i, w in enumerate(WIDTHS)] + [0])
     pad = max(v_win, 4 * d, d)
     flat = jnp.pad(arena, ((0, 0), (0, pad)))  # windows starting anywhere in S stay in bounds
