@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import time
 from typing import Any, List, Optional, Sequence
 
 import jax
@@ -29,7 +30,9 @@ class Generation:
     full_cache_bytes: bytes the dense cache of the same batch and capacity holds;
     kept_positions: (`generate_shared` only) bool [L, B, K, T], the prompt positions each layer's
     KV heads held right after compression (`LayerCache.kept_positions`), None where a cache type
-    does not report them."""
+    does not report them.
+    seconds: (`generate_shared` only) wall time of this policy's compression and decoding
+    (compilation included when it happens) plus an equal share of the one shared prefill."""
 
     tokens: List[List[int]]
     texts: Optional[List[str]]
@@ -37,6 +40,7 @@ class Generation:
     full_cache_bytes: int
     prompt_lengths: List[int]
     kept_positions: Optional[np.ndarray] = None
+    seconds: Optional[float] = None
 
     @property
     def budget(self) -> float:
@@ -446,11 +450,15 @@ def generate_shared(model: Model, prompts, max_new_tokens: int, policies: Sequen
     cfg = model.config
     max_new_tokens = _check_new_tokens(max_new_tokens)
     policies = list(policies)
+    start = time.perf_counter()
     token_lists, tokens, lengths_in, columns, first, states, eos, mode = _shared_prefill(
         model, prompts, max_new_tokens, policies, eos_ids, pad_to)
+    jax.block_until_ready((first, states))
+    prefill_share = (time.perf_counter() - start) / len(policies)
     out = []
     decode = _compiled_greedy_decode(cfg, max_new_tokens, eos, mode)
     for p, (offset, width) in zip(policies, columns):
+        start = time.perf_counter()
         caches = compress_shared(p, states, lengths_in, offset, width, max_new_tokens, mode)
         kept = kept_positions(caches, lengths_in, tokens.shape[1])
         toks, caches, bad = decode(model.params, first, lengths_in, caches)
@@ -458,6 +466,7 @@ def generate_shared(model: Model, prompts, max_new_tokens: int, policies: Sequen
         out.append(_generation(model, np.asarray(toks), caches, tokens.shape[1] + max_new_tokens,
                                token_lists, eos, check_finite=p is not None))
         out[-1].kept_positions = kept
+        out[-1].seconds = prefill_share + time.perf_counter() - start
         del caches
     return out
 

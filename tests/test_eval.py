@@ -187,7 +187,7 @@ def test_evaluate_verifies_paired_examples(model, tmp_path, monkeypatch):
     def perfect(model, prompts, max_new_tokens, policies, **kw):
         toks = [examples[tuple(p)].target_ids + [tasks.encode("A")[0]] for p in prompts]
         return [Generation(tokens=toks, texts=None, cache_bytes=10 * len(prompts),
-                           full_cache_bytes=40 * len(prompts),
+                           full_cache_bytes=40 * len(prompts), seconds=0.5,
                            prompt_lengths=[len(p) for p in prompts]) for _ in policies]
 
     monkeypatch.setattr(gen_mod, "generate_shared", perfect)
@@ -198,10 +198,11 @@ def test_evaluate_verifies_paired_examples(model, tmp_path, monkeypatch):
         # batches of 3 and 1 (the short one padded to 3 rows, bytes scaled back to 1 row)
         assert r["cache_bytes"] == 40 and r["full_cache_bytes"] == 160
         assert r["measured_budget"] == 0.25
+        assert r["seconds"] == 1.0  # Generation.seconds summed over the two batches
 
     def silent(model, prompts, max_new_tokens, policies, **kw):
         return [Generation(tokens=[[tasks.EOS_ID]] * len(prompts), texts=None, cache_bytes=1,
-                           full_cache_bytes=1, prompt_lengths=[len(p) for p in prompts])
+                           full_cache_bytes=1, seconds=0.0, prompt_lengths=[len(p) for p in prompts])
                 for _ in policies]
 
     monkeypatch.setattr(gen_mod, "generate_shared", silent)

@@ -30,6 +30,7 @@ def test_shared_prefill_gives_the_tokens_of_separate_prefills(tiny):
         want = generate(tiny, prompts, 8, policy=policy, eos_ids=[2])
         assert got.tokens == want.tokens, name
         assert (got.cache_bytes, got.full_cache_bytes) == (want.cache_bytes, want.full_cache_bytes)
+        assert got.seconds > 0 and want.seconds is None  # per-policy time: generate_shared only
     assert shared[0].texts == generate(tiny, prompts, 8, eos_ids=[2]).texts
 
 

@@ -20,7 +20,8 @@ A record (one per task, length, method and requested budget; "full" once at budg
     batches, read off the arrays), correct (the score of each example in sampling order: 0/1,
     or RULER's fraction of expected strings found), model {name, fingerprint}, dtype, chat,
     seed, batch_size, max_new_tokens, task_settings, method_settings, seconds (this method's
-    compress + decode time plus its share of the shared prefills), needle_survival (per example:
+    compress + decode time, compilation included, plus an equal share of the shared prefills:
+    `Generation.seconds`), needle_survival (per example:
     the share of (answer, layer, KV head) triples where some occurrence of the answer kept all
     its tokens right after compression, `jaxkv.tasks.text.needle_survival`; None for the
     aggregation tasks, the in-house tasks and caches that do not report kept positions) and
@@ -36,7 +37,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import time
 from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
@@ -215,11 +215,9 @@ def _run_batch(gen_mod, model, pset: PromptSet, idx, bi: int, jobs, partial, bat
     rows = list(idx)
     if n_batches > 1 and len(rows) < batch_size:
         rows += [rows[-1]] * (batch_size - len(rows))
-    start = time.perf_counter()
     gens = gen_mod.generate_shared(model, [pset.prompts[i] for i in rows], pset.max_new_tokens,
                                    [j.policy for j in jobs], eos_ids=pset.eos_ids,
                                    pad_to=pset.pad_to)
-    seconds = (time.perf_counter() - start) / len(jobs)
     share = len(idx) / len(rows)
     for job, gen in zip(jobs, gens):
         scores, texts, survival = [], [], []
@@ -232,7 +230,7 @@ def _run_batch(gen_mod, model, pset: PromptSet, idx, bi: int, jobs, partial, bat
         partial.setdefault(job.id, {})[str(bi)] = dict(
             index=list(idx), scores=scores, completions=texts, needle_survival=survival,
             cache_bytes=gen.cache_bytes * share, full_bytes=gen.full_cache_bytes * share,
-            seconds=seconds, prompt_tokens=sum(gen.prompt_lengths[:len(idx)]))
+            seconds=gen.seconds, prompt_tokens=sum(gen.prompt_lengths[:len(idx)]))
 
 
 def _make_record(pset: PromptSet, job: _Job, done: Mapping[str, Any], config: EvalConfig,
