@@ -82,11 +82,12 @@ def test_evaluate_records_files_and_resume(model, oracle, tmp_path, monkeypatch,
     records = ev.evaluate(model, config, progress=False)
 
     # full once per task (budget 1.0) + oracle at one budget, per task; 4 examples = 2 batches,
-    # each prefilled once for both methods
+    # each prefilled once for both methods; the oracle's policy is full's (None), so one decoding
+    # serves both
     assert [(r["task"], r["method"], r["budget"]) for r in records] == [
         ("running_sum", "full", 1.0), ("running_sum", "oracle", 0.5),
         ("niah_single", "full", 1.0), ("niah_single", "oracle", 0.5)]
-    assert calls == [2] * 4
+    assert calls == [1] * 4
     for r in records:
         assert REQUIRED_KEYS <= set(r)
         assert r["n"] == 4 and len(r["correct"]) == 4 and set(r["correct"]) <= {0, 1}
@@ -169,7 +170,7 @@ def test_interrupted_run_resumes_from_its_last_batch(model, oracle, tmp_path, mo
     monkeypatch.setattr(gen_mod, "generate_shared", real)
     counted = _count_generate(monkeypatch)
     resumed = ev.evaluate(model, config, progress=False)
-    assert counted == [2]  # only the second batch
+    assert counted == [1]  # only the second batch (full and the oracle share one policy, None)
     fresh = ev.evaluate(model, dataclasses.replace(config, out_dir=str(tmp_path / "b")),
                         progress=False)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
@@ -328,3 +329,17 @@ def test_out_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
         run_eval(None, str(path), model_path="no_such_model")  # refused before loading it
     with pytest.raises(ValueError, match="is a file"):
         ev.EvalConfig(methods=("full",), budgets=(), tasks=("passkey",), out_dir=str(path))
+
+
+def test_equal_policies_share_one_decoding(model, tmp_path, monkeypatch):
+    """KIVI ignores the budget (recorded only, left out of ==): its two budgets decode once per
+    batch and their records agree on everything but the requested budget."""
+    calls = _count_generate(monkeypatch)
+    config = ev.EvalConfig(methods=("full", "kivi2"), budgets=(0.1, 0.25), tasks=("running_sum",),
+                           n_samples=2, batch_size=2, seed=3,
+                           task_settings={"running_sum": TASK_SETTINGS["running_sum"]})
+    full, low, high = ev.evaluate(model, config, progress=False)
+    assert calls == [2]  # full and one KIVI-2 decoding for three records
+    assert (low["budget"], high["budget"]) == (0.1, 0.25)
+    same = lambda r: {k: v for k, v in r.items() if k not in ("budget", "seconds")}
+    assert same(low) == same(high)

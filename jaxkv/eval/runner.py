@@ -208,16 +208,25 @@ def evaluate(model, config: EvalConfig, progress: bool = True) -> List[dict]:
 
 def _run_batch(gen_mod, model, pset: PromptSet, idx, bi: int, jobs, partial, batch_size: int,
                n_batches: int) -> None:
-    """Generate one batch for every job in `jobs` with one shared prefill; store per-batch
+    """Generate one batch for every job in `jobs` with one shared prefill (jobs whose policies
+    are equal share one decoding; such a record's seconds count that decoding each); store per-batch
     scores, completions, bytes and seconds in `partial`. A short last batch is padded with
     copies of its last prompt to `batch_size` rows (reusing the compiled program); its byte
     counts are scaled to its real rows (cache bytes are linear in the batch)."""
     rows = list(idx)
     if n_batches > 1 and len(rows) < batch_size:
         rows += [rows[-1]] * (batch_size - len(rows))
+    distinct: List[Any] = []  # equal policies (KIVI at any budget: the budget is only recorded)
+    slot = []                 # decode once and share the generation
+    for j in jobs:
+        same = next((i for i, p in enumerate(distinct) if p == j.policy), None)
+        if same is None:
+            distinct.append(j.policy)
+            same = len(distinct) - 1
+        slot.append(same)
     gens = gen_mod.generate_shared(model, [pset.prompts[i] for i in rows], pset.max_new_tokens,
-                                   [j.policy for j in jobs], eos_ids=pset.eos_ids,
-                                   pad_to=pset.pad_to)
+                                   distinct, eos_ids=pset.eos_ids, pad_to=pset.pad_to)
+    gens = [gens[i] for i in slot]
     share = len(idx) / len(rows)
     for job, gen in zip(jobs, gens):
         scores, texts, survival = [], [], []
