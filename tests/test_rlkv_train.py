@@ -238,12 +238,13 @@ CHILD = textwrap.dedent("""
 
 def test_data_parallel_step_equals_single_device(model_dir):
     """One step with rollouts and loss batch on a 4-device "data" axis (in a subprocess with 4
-    host devices) == the same step here on one device."""
+    host devices) == the same step here on one device (the per-sequence path: a data mesh runs
+    it, so the single-device step is asked for it with prefill_once=False)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
     proc = subprocess.Popen([sys.executable, "-c", CHILD.format(model_dir=model_dir)], env=env,
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    cfg = _test_config(model_dir)  # meanwhile, the single-device step
+    cfg = _test_config(model_dir).replace(prefill_once=False)  # meanwhile, one device
     model = load_model(model_dir)
     trainer = RLKVTrainer(cfg, model, reward_fn=parity_reward)
     state, metrics = trainer.step(trainer.init_state(), cfg.data.pool(4, seed=0, model=model))

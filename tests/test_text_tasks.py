@@ -82,8 +82,10 @@ def test_registry_matches_ruler():
     assert TASK_NAMES == [
         "passkey", "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1",
         "niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe",
-        "fwe",
+        "fwe", "copy_list",  # the last is jaxkv's (RLKV's generation task), not RULER's
     ]
+    assert (TEXT_TASKS["copy_list"].family, TEXT_TASKS["copy_list"].metric) == ("generation",
+                                                                                 "all")
     for name in NIAH:
         assert TEXT_TASKS[name].family == "retrieval" and TEXT_TASKS[name].max_new_tokens == 128
     assert (TEXT_TASKS["vt"].family, TEXT_TASKS["vt"].max_new_tokens) == ("multi_hop", 30)
@@ -401,11 +403,27 @@ def test_answers_where_the_task_puts_them(tok_name, request):
                 _cwe_check(ex)
             elif name == "fwe":
                 _fwe_check(ex)
+            elif name == "copy_list":
+                _copy_check(ex)
             if name in ("niah_single_1", "passkey", "vt"):
                 assert "The grass is green. The sky is blue." in ex.prompt_text
             if name in ("niah_single_2", "niah_multikey_1"):
                 assert "The grass is green" not in ex.prompt_text
                 assert len(re.findall(r"\b(the|of|is|a)\b", ex.prompt_text)) > 50  # English
+
+
+def _copy_check(ex):
+    """One needle holds the list; the answer is the whole list, in order; a reordered or
+    partial list scores 0."""
+    (listed,) = ex.answers
+    items = listed.split(", ")
+    assert len(items) == 5 and len(set(items)) == 5
+    assert all(re.fullmatch(r"\d{4}", x) for x in items)
+    assert ex.prompt_text.count(f"Memorize this list of numbers: {listed}.") == 1
+    assert ex.prompt_text.endswith("in order. The list of numbers is:")
+    assert score_text(ex, " " + ", ".join(items[::-1]) + ".") == 0.0
+    assert score_text(ex, " " + ", ".join(items[:-1]) + ".") == 0.0
+    assert score_text(ex, " " + listed + ".\nDone.") == 1.0
 
 
 def test_cwe_long_context_frequencies(word):

@@ -96,6 +96,115 @@ def completion_logprobs(params, gates, tokens, prompt_lengths, *, config: ModelC
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def build_completion_batch(completions: Sequence[Sequence[int]], width: int, pad_id: int,
+                           loss_agg: str = "token_mean"):
+    """Completions alone, for the cached-prompt loss (`cached_completion_logprobs`): tokens int32
+    [N, width] (right-padded) and weights float32 [N, width], weights[i, t] > 0 iff t < len(c_i),
+    valued as `build_loss_batch`'s (so the two losses are the same number)."""
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss_agg={loss_agg!r}: allowed are {', '.join(LOSS_AGGREGATIONS)}")
+    n = len(completions)
+    if n == 0:
+        raise ValueError("completions: give at least one")
+    tokens = np.full((n, width), pad_id, np.int32)
+    weights = np.zeros((n, width), np.float32)
+    total = sum(len(c) for c in completions)
+    for i, c in enumerate(completions):
+        if not 0 < len(c) <= width:
+            raise ValueError(f"completions[{i}] has {len(c)} tokens; expected 1 to {width}")
+        tokens[i, :len(c)] = list(c)
+        weights[i, :len(c)] = 1.0 / total if loss_agg == "token_mean" else 1.0 / (n * len(c))
+    return tokens, weights
+
+
+def cached_completion_logprobs(params, gates, first_logits, past, prompt_lengths, completions, *,
+                               config: ModelConfig, sink: int, window: int, temperature: float,
+                               remat: bool = True):
+    """`completion_logprobs` restricted to the completion, from the prompts' cached keys and
+    values: float32 [N, C], entry t = log pi(completions[:, t] | prompt, completions[:, :t]).
+
+    first_logits: [N, V], the prefill's logits at each prompt's last token (they give token 0;
+    prompt queries attend in full, so they do not depend on the gates); past: per layer (k, v)
+    [N, K, P, D] of the prompts; prompt_lengths: [N]. Only the C completion tokens are computed
+    (`Decoder.extend`), instead of the P + C of a forward over prompt + completion.
+    """
+    from jaxkv.model.gated import mixed_extend_attention_fn
+    n, c = completions.shape
+    lengths = jnp.asarray(prompt_lengths, jnp.int32)
+    first = jax.nn.log_softmax(first_logits.astype(jnp.float32) / temperature, axis=-1)
+    logp0 = jnp.take_along_axis(first, completions[:, :1], axis=-1)  # [N, 1]
+    if c == 1:
+        return logp0
+    positions = lengths[:, None] + jnp.arange(c - 1, dtype=jnp.int32)[None, :]
+    fn = mixed_extend_attention_fn(gates, sink, window, lengths, config.head_dim ** -0.5, remat)
+    logits = Decoder(config).apply({"params": params}, completions[:, :-1], positions, past, fn,
+                                   method=Decoder.extend)
+    logits = logits.astype(jnp.float32) / temperature  # [N, C-1, V]
+    picked = jnp.take_along_axis(logits, completions[:, 1:, None], axis=-1)[..., 0]
+    return jnp.concatenate([logp0, picked - jax.nn.logsumexp(logits, axis=-1)], axis=1)
+
+
+@functools.lru_cache(maxsize=16)
+def cached_policy_grad_fn(config: ModelConfig, sink: int, window: int, temperature: float,
+                          remat: bool, eps_clip: float, with_old: bool):
+    """jit value_and_grad of the clipped loss over `cached_completion_logprobs`, in the gates."""
+    def loss(gates, params, first_logits, past, prompt_lengths, completions, weights,
+             advantages, old_logp):
+        logp = cached_completion_logprobs(params, gates, first_logits, past, prompt_lengths,
+                                          completions, config=config, sink=sink, window=window,
+                                          temperature=temperature, remat=remat)
+        return clipped_policy_loss(logp, old_logp if with_old else None, advantages, weights,
+                                   eps_clip)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+@functools.lru_cache(maxsize=16)
+def cached_logprob_fn(config: ModelConfig, sink: int, window: int, temperature: float,
+                      remat: bool):
+    return jax.jit(functools.partial(cached_completion_logprobs, config=config, sink=sink,
+                                     window=window, temperature=temperature, remat=remat))
+
+
+@functools.lru_cache(maxsize=8)
+def prompt_prefill_fn(config: ModelConfig):
+    """jit (params, tokens [P, T], lengths [P]) -> (logits at each prompt's last token [P, V],
+    per layer (k, v) [P, K, T, D]): the dense prefill, once per distinct prompt of a step."""
+    def prefill(params, tokens, lengths):
+        logits, caches = Decoder(config).apply({"params": params}, tokens, lengths,
+                                               tokens.shape[1], method=Decoder.prefill)
+        return logits, tuple((c.k, c.v) for c in caches)
+    return jax.jit(prefill)
+
+
+@functools.lru_cache(maxsize=8)
+def group_rollout_fn(config: ModelConfig, sink: int, window: int, max_new_tokens: int,
+                     eos_ids: Tuple[int, ...], group: int):
+    """jit (params, gates, first_logits [P, V], past, lengths [P], rng, temperature, top_p) ->
+    (completions int32 [P * group, max_new_tokens], pad after EOS; bool: non-finite logits).
+
+    The `group` samples of each prompt decode from copies of its one prefill: gated mixing per KV
+    head (`GatedDenseCache`), the model `generate(..., policy=GatedMixing(gates, sink, window))`
+    samples from, whose prefill attends in full and so does not depend on the gates."""
+    from jaxkv.cache.dense import DenseCache
+    from jaxkv.cache.gated import GatedDenseCache
+    from jaxkv.generate import _sample, decode_loop
+
+    def rollout(params, gates, first_logits, past, lengths, rng, temperature, top_p):
+        rep = lambda x: jnp.repeat(x, group, axis=0)
+        lengths = rep(lengths.astype(jnp.int32))
+        caches = tuple(GatedDenseCache.from_dense(DenseCache(k=rep(k), v=rep(v), lengths=lengths),
+                                                  gates[i], sink, window,
+                                                  extra_capacity=max_new_tokens)
+                       for i, (k, v) in enumerate(past))
+        rng, sub = jax.random.split(rng)
+        first = _sample(rep(first_logits), sub, temperature, top_p, False)
+        out, _, bad = decode_loop(params, first, lengths, caches, rng, temperature, top_p,
+                                  config=config, max_new_tokens=max_new_tokens, greedy=False,
+                                  eos_ids=eos_ids)
+        return out, bad | ~jnp.isfinite(first_logits).all()
+    return jax.jit(rollout)
+
+
 def clipped_policy_loss(logp, old_logp, advantages, weights, eps_clip: float):
     """sum over tokens of weights * -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A).
 

@@ -99,7 +99,10 @@ from train.grpo import (
     ADVANTAGE_MODES,
     LOSS_AGGREGATIONS,
     adaptive_scale,
+    build_completion_batch,
     build_loss_batch,
+    cached_logprob_fn,
+    cached_policy_grad_fn,
     clipped_policy_loss,
     completion_logprobs,
     compute_advantages,
@@ -108,12 +111,15 @@ from train.grpo import (
     logprob_fn,
     make_gate_optimizer,
     policy_grad_fn,
+    prompt_prefill_fn,
+    group_rollout_fn,
 )
 from train.rlkv_data import (
     EmbeddedSource,
     Item,
     JsonlSource,
     Source,
+    TextSource,
     step_indices,
     stratified_by_length,
 )
@@ -136,6 +142,11 @@ class RLKVConfig:
     top_p: float = 1.0
     max_new_tokens: Optional[int] = None  # None: from the data source (embedded tasks only)
     rollout_chunk: int = 0  # sequences per `generate` call (0: the whole batch at once)
+    # one dense prefill per distinct prompt and step: the group samples from copies of it and
+    # the loss runs over the completions alone against its keys and values (same maths: prompt
+    # queries attend in full, so the prompt's cache does not depend on the gates); on one device:
+    # with a data mesh (data_parallel > 1 devices) the per-sequence path runs, sharded
+    prefill_once: bool = True
     # -- objective
     eps_clip: float = 0.4
     beta: float = 1e-3
@@ -306,6 +317,8 @@ class RLKVTrainer:
 
     def step(self, state: dict, items: Sequence[Item]) -> Tuple[dict, dict]:
         """One RLKV step on `items` (prompts_per_step problems) -> (new state, metrics)."""
+        if self.cfg.prefill_once and self.mesh is None:
+            return self._step_prefill_once(state, items)
         cfg = self.cfg
         t0 = time.time()
         rng, sub = jax.random.split(jnp.asarray(state["rng"]))
@@ -331,6 +344,13 @@ class RLKVTrainer:
             logp_fn = logprob_fn(*statics)
             old = [logp_fn(self.model.params, gates, c[0], c[1]) for c in chunks]
         grad_fn = policy_grad_fn(*statics, float(cfg.eps_clip), cfg.updates_per_batch > 1)
+        return self._update(state, rng, gates, chunks, old, grad_fn, scale, r_mean, completions,
+                            t0, t_roll)
+
+    def _update(self, state, rng, gates, chunks, old, grad_fn, scale, r_mean, completions, t0,
+                t_roll) -> Tuple[dict, dict]:
+        """`updates_per_batch` AdamW steps of the gates on the loss chunks -> (state, metrics)."""
+        cfg = self.cfg
         apply = gate_update_fn(float(cfg.learning_rate), float(cfg.weight_decay),
                                tuple(float(b) for b in cfg.betas), float(cfg.grad_clip),
                                float(cfg.beta))
@@ -353,6 +373,60 @@ class RLKVTrainer:
                    "completion_len": float(np.mean([len(c) for c in completions])),
                    "rollout_s": round(t_roll, 3), "step_s": round(time.time() - t0, 3)}
         return new_state, metrics
+
+    def _step_prefill_once(self, state: dict, items: Sequence[Item]) -> Tuple[dict, dict]:
+        """`step` with one dense prefill per problem: its `group_size` rollouts decode from
+        copies of that prefill's cache (`train.grpo.group_rollout_fn`), and the loss runs over
+        the completions alone against its keys and values (`cached_completion_logprobs`). The
+        same objective as the per-sequence path (tests/test_grpo_cached.py); the step costs one
+        prompt prefill per problem instead of 2 x group_size."""
+        from jaxkv.generate import pad_batch
+        cfg = self.cfg
+        mcfg = self.model.config
+        t0 = time.time()
+        rng, sub = jax.random.split(jnp.asarray(state["rng"]))
+        gates = state["gates"]
+        g = cfg.group_size
+        tokens, lengths = pad_batch([list(it["prompt_ids"]) for it in items], mcfg.pad_token_id)
+        lengths = jnp.asarray(lengths)
+        first_logits, past = prompt_prefill_fn(mcfg)(self.model.params, jnp.asarray(tokens),
+                                                     lengths)
+        eos = tuple(int(e) for e in (cfg.data.eos_ids or mcfg.eos_ids))
+        roll = group_rollout_fn(mcfg, cfg.sink, cfg.window, self.max_new_tokens, eos, g)
+        out, bad = roll(self.model.params, gates, first_logits, past, lengths, sub,
+                        jnp.float32(cfg.temperature), jnp.float32(cfg.top_p))
+        if bool(bad):
+            raise ValueError("rollouts: the gated model's logits are not finite")
+        completions = []
+        for row in np.asarray(out).tolist():
+            cut = next((j + 1 for j, x in enumerate(row) if x in eos), len(row))
+            completions.append(row[:cut])
+        per_seq = [it for it in items for _ in range(g)]
+        rewards = np.array([self.verify(it, c) for it, c in zip(per_seq, completions)],
+                           np.float32)
+        t_roll = time.time() - t0
+        adv = compute_advantages(rewards, g, cfg.advantage_norm)
+        r_mean = float(rewards.mean())
+        scale = adaptive_scale(r_mean, cfg.tau)
+        ctoks, weights = build_completion_batch(completions, self.max_new_tokens,
+                                                mcfg.pad_token_id, cfg.loss_agg)
+        idx = np.repeat(np.arange(len(items)), g)
+        n = len(completions)
+        chunk = cfg.microbatch or n
+        chunks = []
+        for i in range(0, n, chunk):
+            sel = jnp.asarray(idx[i:i + chunk])
+            chunks.append((first_logits[sel], tuple((k[sel], v[sel]) for k, v in past),
+                           lengths[sel], jnp.asarray(ctoks[i:i + chunk]),
+                           jnp.asarray(weights[i:i + chunk]), jnp.asarray(adv[i:i + chunk])))
+        statics = (mcfg, cfg.sink, cfg.window, float(cfg.temperature), True)
+        old = [None] * len(chunks)
+        if cfg.updates_per_batch > 1:
+            logp_fn = cached_logprob_fn(*statics)
+            old = [logp_fn(self.model.params, gates, *c[:4]) for c in chunks]
+        grad_fn = cached_policy_grad_fn(*statics, float(cfg.eps_clip), cfg.updates_per_batch > 1)
+        return self._update(state, rng, gates, chunks, old, grad_fn, scale, r_mean, completions,
+                            t0, t_roll)
 
 
 def train_rlkv(cfg: RLKVConfig, out_dir: str, max_steps: Optional[int] = None,
@@ -393,7 +467,7 @@ __all__ = [
     "RLKVConfig", "RLKVTrainer", "train_rlkv", "self_distill", "generate_batched",
     "TRAIN_SET_FILE", "load_model",
     # train.rlkv_data, train.grpo, train.gate_run (re-exported: the API of `train.rlkv`)
-    "EmbeddedSource", "JsonlSource", "Item", "Source", "stratified_by_length", "step_indices",
+    "EmbeddedSource", "JsonlSource", "TextSource", "Item", "Source", "stratified_by_length", "step_indices",
     "adaptive_scale", "l1_penalty", "compute_advantages", "build_loss_batch",
     "completion_logprobs", "clipped_policy_loss", "make_gate_optimizer", "gate_update_fn",
     "ADVANTAGE_MODES", "LOSS_AGGREGATIONS", "GateCheckpoints", "run_gate_training", "read_log",

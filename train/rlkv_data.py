@@ -1,5 +1,5 @@
-"""RLKV's training problems: where they come from (the in-house tasks, or local JSONL files of
-GSM8K / Math500-style problems) and which of them each step takes (stratified by the length of the
+"""RLKV's training problems: where they come from (the in-house tasks, real-text tasks made with a
+real model's tokenizer, or local JSONL files of GSM8K / Math500-style problems) and which of them each step takes (stratified by the length of the
 model's own answers; epochs shuffled from (seed, epoch))."""
 from __future__ import annotations
 
@@ -117,7 +117,66 @@ class JsonlSource:
         return verify
 
 
-Source = Union[EmbeddedSource, JsonlSource]
+@dataclasses.dataclass(frozen=True)
+class TextSource:
+    """Real-text tasks (`jaxkv.tasks.text`, e.g. "copy_list") for real models: prompts of each
+    of `lengths` tokens made with the model's tokenizer (wrapped in its chat template when
+    `chat`); reward = RULER's score of the decoded completion (`score_text`: 1.0 when every
+    expected string is found). `tasks`: (name, settings) pairs, settings a tuple of (key, value)
+    pairs; the pool is split evenly over tasks x lengths."""
+
+    tasks: Tuple[Tuple[str, Tuple[Tuple[str, Any], ...]], ...]
+    lengths: Tuple[int, ...] = (1024,)
+    chat: bool = True
+
+    def __post_init__(self):
+        from jaxkv.tasks.text import text_task
+        if not self.tasks:
+            raise ValueError("tasks: give at least one (name, settings) pair")
+        for name, settings in self.tasks:
+            text_task(name, **dict(settings))  # validates name and settings
+        if not self.lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                                   for n in self.lengths):
+            raise ValueError(f"lengths={self.lengths!r}: give positive prompt lengths (tokens)")
+
+    @property
+    def eos_ids(self) -> Optional[Tuple[int, ...]]:
+        return None  # the model config's
+
+    def default_max_new_tokens(self) -> int:
+        from jaxkv.tasks.text import text_task
+        return max(text_task(name, **dict(st)).max_new_tokens for name, st in self.tasks)
+
+    def pool(self, n: int, seed: int, model) -> List[Item]:
+        from jaxkv.tasks.text import make_text_examples
+        if getattr(model, "tokenizer", None) is None:
+            raise ValueError("TextSource: the model has no tokenizer; the real-text tasks need one")
+        combos = [(name, dict(st), length) for name, st in self.tasks for length in self.lengths]
+        counts = _largest_remainder(np.full(len(combos), n / len(combos)))
+        items: List[Item] = []
+        for i, ((name, settings, length), count) in enumerate(zip(combos, counts)):
+            if count == 0:
+                continue
+            for ex in make_text_examples(name, model.tokenizer, length, int(count), seed + i,
+                                         chat=self.chat, **settings):
+                items.append({"source": f"{name}@{length}", "task": name, "settings": settings,
+                              "length": length, "answers": list(ex.answers),
+                              "metric": ex.metric, "max_new_tokens": ex.max_new_tokens,
+                              "prompt_ids": list(ex.prompt_ids)})
+        return items
+
+    def make_verifier(self, model) -> Callable[[Item, Sequence[int]], float]:
+        from jaxkv.tasks.text import TextExample, score_text
+
+        def verify(item: Item, completion: Sequence[int]) -> float:
+            ex = TextExample(task=item["task"], prompt_text="", prompt_ids=[],
+                             answers=tuple(item["answers"]), length=item["length"],
+                             max_new_tokens=item["max_new_tokens"], metric=item["metric"])
+            return float(score_text(ex, model.decode(list(completion))))
+        return verify
+
+
+Source = Union[EmbeddedSource, JsonlSource, TextSource]
 
 
 def stratified_by_length(lengths, n: int, rng: np.random.Generator, strata: int = 4,

@@ -157,6 +157,24 @@ class Decoder(nn.Module):
             return logits, self.norm(x)
         return logits
 
+    def extend(self, tokens, positions, past: Sequence[Any], attention_fn: Callable):
+        """Forward of tokens [B, C] that continue cached prompts -> logits [B, C, V].
+
+        positions: [B, C] RoPE positions of the new tokens; past: per layer (k, v), the prompts'
+        post-RoPE keys and values [B, K, P, D] (as `DenseCache` holds them; prefill's caches give
+        them). attention_fn(layer, q, k, v, positions, past_k, past_v) -> [B, C, H, D] with q
+        [B, C, H, D] and k, v [B, C, K, D] of the new tokens. The prompts' keys and values do not
+        depend on what the new tokens attend to, so this gives the logits `forward` gives at
+        those positions whenever the prompt queries attended in full (RLKV's gated training:
+        `train.grpo.cached_completion_logprobs`), at the cost of C tokens instead of P + C.
+        """
+        x = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            q, k, v = layer.qkv(x, positions)
+            attn = attention_fn(i, q, k, v, positions, *past[i])
+            x = layer.finish(x, attn)
+        return self._logits(x)
+
     def prefill(self, tokens, lengths, capacity: int, policy: Any = None,
                 query_positions: Optional[jax.Array] = None):
         """tokens: [B, T] right-padded; lengths: [B] -> (logits [B, V] at lengths-1, caches).

@@ -12,6 +12,8 @@ their probabilities are mixed before the single product with V (mixing probabili
 outputs are the same thing, since attention is linear in the probabilities).
 
   mixed_attention_fn(gates, sink, window, prompt_lengths=None) -> AttentionFn for Decoder.forward
+  mixed_extend_attention_fn(gates, sink, window, prompt_lengths, scale) -> the same mixing for
+      Decoder.extend (a completion over its prompt's cached keys and values)
   init_gates(config, value=1.0) -> [L, K] float32
   check_gates(gates, config) -> gates as float32 [L, K] (ValueError naming the shape otherwise)
   gate_stats(gates) -> {"mean_gate", "sparsity"} (sparsity: fraction of gates below 0.5)
@@ -76,6 +78,50 @@ def mixed_attention_fn(gates, sink: int, window: int, prompt_lengths=None, remat
     return attention
 
 
+def mixed_extend_attention_fn(gates, sink: int, window: int, prompt_lengths, scale: float,
+                              remat: bool = True):
+    """The attention of `Decoder.extend` under gated mixing: the new tokens (a completion after
+    its prompt) attend to the prompt's cached keys and values and, causally, to each other; each
+    KV head mixes full and streaming attention with its gate, as `mixed_attention_fn` does for
+    queries past `prompt_lengths`. Prompt slot j holds position j (valid below
+    prompt_lengths[b]); the new tokens' positions are `Decoder.extend`'s.
+
+    gates: [L, K] (traced); prompt_lengths: [B] int; scale: the model's 1/sqrt(head_dim).
+    remat (default): recompute each layer's [B, K, G, C, P + C] probabilities in the backward
+    pass instead of keeping them for all layers.
+    """
+    from jaxkv.model.layers import streaming_mask
+    sink, window = check_streaming(sink, window)
+    lengths = jnp.asarray(prompt_lengths, jnp.int32)
+
+    def attend(alpha, q, k, v, positions, past_k, past_v):
+        b, c, h, d = q.shape
+        kh, p = past_k.shape[1], past_k.shape[2]
+        g = h // kh
+        keys = jnp.concatenate([past_k, k.transpose(0, 2, 1, 3).astype(past_k.dtype)], axis=2)
+        vals = jnp.concatenate([past_v, v.transpose(0, 2, 1, 3).astype(past_v.dtype)], axis=2)
+        slots = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+        k_pos = jnp.concatenate([slots, positions.astype(jnp.int32)], axis=1)  # [B, P + C]
+        valid = jnp.concatenate([slots < lengths[:, None], jnp.ones((b, c), bool)], axis=1)
+        full = streaming_mask(positions, k_pos) & valid[:, None, :]  # [B, C, P + C]
+        stream = streaming_mask(positions, k_pos, window, sink) & full
+        qg = q.reshape(b, c, kh, g, d).transpose(0, 2, 3, 1, 4).astype(jnp.float32)
+        scores = jnp.einsum("bkgcd,bksd->bkgcs", qg, keys.astype(jnp.float32)) * scale
+        probs = mix_softmax(scores, full[:, None, None], stream[:, None, None], alpha)
+        out = jnp.einsum("bkgcs,bksd->bkgcd", probs, vals.astype(jnp.float32))
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, c, h, d).astype(q.dtype)
+
+    fn = jax.checkpoint(attend) if remat else attend
+
+    def attention(layer, q, k, v, positions, past_k, past_v):
+        if gates.shape[1] != past_k.shape[1] or not 0 <= layer < gates.shape[0]:
+            raise ValueError(f"gates: shape {tuple(gates.shape)} does not fit layer {layer} with "
+                             f"{past_k.shape[1]} KV heads")
+        return fn(gates[layer], q, k, v, positions, past_k, past_v)
+
+    return attention
+
+
 # ---- gates: creation, checks, statistics, files --------------------------------------------------
 
 def init_gates(config, value: float = 1.0) -> jax.Array:
@@ -101,5 +147,5 @@ def gate_stats(gates, threshold: float = 0.5) -> dict:
     return {"mean_gate": float(g.mean()), "sparsity": float((g < threshold).mean())}
 
 
-__all__ = ["mixed_attention_fn", "mix_softmax", "check_streaming", "init_gates", "check_gates",
+__all__ = ["mixed_attention_fn", "mixed_extend_attention_fn", "mix_softmax", "check_streaming", "init_gates", "check_gates",
            "gate_stats", "save_gates", "load_gates"]
