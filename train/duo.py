@@ -14,7 +14,9 @@ the mean over the hidden dimension of the squared difference. Answer positions: 
 the target tokens (`A : <value> <eos>`) appended to each prompt. reg = 0.05.
 
 Data: synthetic retrieval prompts from jaxkv.tasks (multi-key needles `niah_multikey`, passkeys
-`passkey`), at several lengths and key counts; the batch of step s is drawn from
+`passkey`), at several lengths and key counts (`TaskMix`), or for a real model the real-text
+tasks (`TextMix`: passkey, niah_multikey_1, ... made with its tokenizer, target = the expected
+answers); the batch of step s is drawn from
 `numpy.random.default_rng([seed, step])` (resumable with no data state), padded to one length.
 Optimiser: AdamW lr 0.02, no weight decay (DuoAttention), no gradient clipping unless configured.
 
@@ -28,7 +30,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +48,37 @@ from train.pretrain import TaskMix
 
 
 @dataclasses.dataclass(frozen=True)
+class TextMix:
+    """A real-text retrieval task of the mixture (`jaxkv.tasks.text`, for real models): registry
+    name, sampling weight, settings as (key, value) pairs, prompt length in the model's tokens,
+    plain prompt or the model's chat template. The target appended to the prompt is the task's
+    expected answers, comma-separated, then '.' and the EOS."""
+
+    name: str
+    weight: float = 1.0
+    settings: Tuple[Tuple[str, object], ...] = ()
+    length: int = 1024
+    chat: bool = False
+
+    def __post_init__(self):
+        from jaxkv.tasks.text import text_task
+        text_task(self.name, **dict(self.settings))  # validates name and settings
+        if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length < 1:
+            raise ValueError(f"length={self.length!r}: a positive number of prompt tokens")
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.length}" + "".join(f",{k}={v}" for k, v in self.settings)
+
+
+TEXT_TARGET_ROOM = 64  # tokens after the longest TextMix prompt: the target and padding
+
+
+@dataclasses.dataclass(frozen=True)
 class DuoConfig:
-    tasks: Tuple[TaskMix, ...]  # retrieval tasks with their settings; weight = sampling share
+    # retrieval tasks with their settings; weight = sampling share. TaskMix: the in-house tasks
+    # (embedded models); TextMix: real-text tasks made with the model's tokenizer
+    tasks: Tuple[Union[TaskMix, TextMix], ...]
     model: str = "embedded"
     dtype: Optional[str] = None
     batch_size: int = 8
@@ -61,6 +92,7 @@ class DuoConfig:
     grad_clip: Optional[float] = None
     steps: int = 2000
     gate_init: float = 1.0
+    remat: bool = False  # recompute each layer's attention in the backward pass (long prompts)
     data_parallel: int = 1
     seed: int = 0
     checkpoint_every: int = 50
@@ -68,7 +100,16 @@ class DuoConfig:
     def __post_init__(self):
         if not self.tasks:
             raise ValueError("tasks: give at least one retrieval TaskMix")
+        kinds = {type(t) for t in self.tasks}
+        if len(kinds) > 1 or not kinds <= {TaskMix, TextMix}:
+            raise ValueError(f"tasks: all TaskMix (in-house models) or all TextMix (real "
+                             f"models), got {sorted(k.__name__ for k in kinds)}")
         for t in self.tasks:
+            if isinstance(t, TextMix):
+                if self.seq_len is not None and t.length + TEXT_TARGET_ROOM > self.seq_len:
+                    raise ValueError(f"seq_len={self.seq_len}: task {t.label} needs "
+                                     f"{t.length} + {TEXT_TARGET_ROOM} tokens")
+                continue
             task = t.make()
             if self.seq_len is not None and task.max_len > self.seq_len:
                 raise ValueError(f"seq_len={self.seq_len}: task {t.label} needs up to "
@@ -91,20 +132,31 @@ class DuoConfig:
             raise ValueError(f"gate_init={self.gate_init}: must lie in [0, 1]")
 
     @property
+    def text(self) -> bool:
+        return isinstance(self.tasks[0], TextMix)
+
+    @property
     def length(self) -> int:
-        return self.seq_len or max(t.make().max_len for t in self.tasks)
+        if self.seq_len:
+            return self.seq_len
+        if self.text:
+            return max(t.length for t in self.tasks) + TEXT_TARGET_ROOM
+        return max(t.make().max_len for t in self.tasks)
 
     def replace(self, **kw) -> "DuoConfig":
         return dataclasses.replace(self, **kw)
 
 
-def batch_for_step(cfg: DuoConfig, step: int):
+def batch_for_step(cfg: DuoConfig, step: int, model=None):
     """tokens int32 [B, seq] (prompt + target, right-padded) and answer_mask float32 [B, seq]
-    (1 at the target tokens' positions), from `default_rng([seed, step])`."""
+    (1 at the target tokens' positions), from `default_rng([seed, step])`. TextMix tasks need
+    the `model` (its tokenizer, pad and EOS ids)."""
     from jaxkv.tasks import make_training_batch
     rng = np.random.default_rng([cfg.seed, step])
     weights = np.array([t.weight for t in cfg.tasks], np.float64)
     picks = rng.choice(len(cfg.tasks), size=cfg.batch_size, p=weights / weights.sum())
+    if cfg.text:
+        return _text_batch(cfg, step, picks, model)
     tasks = [t.make() for t in cfg.tasks]
     batch = make_training_batch([tasks[i].sample(rng) for i in picks], cfg.length)
     # loss_mask[t] = 1 where tokens[t + 1] is a target token; the target's positions are t + 1
@@ -113,30 +165,54 @@ def batch_for_step(cfg: DuoConfig, step: int):
     return batch["tokens"], answer
 
 
+def _text_batch(cfg: DuoConfig, step: int, picks, model):
+    from jaxkv.tasks.text import make_text_examples
+    if model is None or getattr(model, "tokenizer", None) is None:
+        raise ValueError("DuoConfig with TextMix tasks: give the model (with its tokenizer)")
+    mcfg = model.config
+    tokens = np.full((len(picks), cfg.length), mcfg.pad_token_id, np.int32)
+    answer = np.zeros((len(picks), cfg.length), np.float32)
+    eos = int(mcfg.eos_ids[0])
+    for row, i in enumerate(picks):
+        t = cfg.tasks[int(i)]
+        ex = make_text_examples(t.name, model.tokenizer, t.length, 1,
+                                seed=cfg.seed * 1_000_003 + step * 1009 + row, chat=t.chat,
+                                **dict(t.settings))[0]
+        target = list(model.tokenizer.encode(" " + ", ".join(ex.answers) + ".",
+                                             add_special_tokens=False)) + [eos]
+        seq = list(ex.prompt_ids) + target
+        if len(seq) > cfg.length:
+            raise ValueError(f"seq_len={cfg.length}: task {t.label} made a {len(seq)}-token "
+                             f"prompt + target")
+        tokens[row, :len(seq)] = seq
+        answer[row, len(ex.prompt_ids):len(seq)] = 1.0
+    return tokens, answer
+
+
 def distill_loss(gates, params, tokens, answer_mask, *, config: ModelConfig, sink: int,
-                 window: int):
+                 window: int, remat: bool = False):
     """MSE of the final hidden states (mixed vs stop_gradient(full)) at the answer positions."""
     module = Decoder(config)
     _, h_full = module.apply({"params": params}, tokens, return_hidden=True,
                              method=Decoder.forward)
     h_full = jax.lax.stop_gradient(h_full.astype(jnp.float32))
     _, h_mix = module.apply({"params": params}, tokens,
-                            attention_fn=mixed_attention_fn(gates, sink, window),
+                            attention_fn=mixed_attention_fn(gates, sink, window, remat=remat),
                             return_hidden=True, method=Decoder.forward)
     err = jnp.mean(jnp.square(h_mix.astype(jnp.float32) - h_full), axis=-1)  # [B, T]
     return jnp.sum(err * answer_mask) / jnp.maximum(jnp.sum(answer_mask), 1.0)
 
 
 @functools.lru_cache(maxsize=8)
-def _distill_grad_fn(config: ModelConfig, sink: int, window: int):
+def _distill_grad_fn(config: ModelConfig, sink: int, window: int, remat: bool = False):
     return jax.jit(jax.value_and_grad(functools.partial(distill_loss, config=config, sink=sink,
-                                                        window=window)))
+                                                        window=window, remat=remat)))
 
 
 def duo_step(cfg: DuoConfig, model, state: dict, tokens, answer_mask, mesh=None):
     """One DuoAttention step -> (new state, metrics)."""
     t0 = time.time()
-    grad_fn = _distill_grad_fn(model.config, cfg.sink, cfg.window)
+    grad_fn = _distill_grad_fn(model.config, cfg.sink, cfg.window, cfg.remat)
     apply = gate_update_fn(float(cfg.learning_rate), float(cfg.weight_decay),
                            tuple(float(b) for b in cfg.betas),
                            None if cfg.grad_clip is None else float(cfg.grad_clip),
@@ -172,10 +248,11 @@ def train_duo(cfg: DuoConfig, out_dir: str, max_steps: Optional[int] = None,
              "rng": np.asarray(jax.random.PRNGKey(cfg.seed))}  # unused: kept for one format
     return run_gate_training(
         "duo", cfg, out_dir, state, mesh,
-        lambda state, step: duo_step(cfg, model, state, *batch_for_step(cfg, step), mesh),
+        lambda state, step: duo_step(cfg, model, state, *batch_for_step(cfg, step, loaded),
+                                     mesh),
         lambda m: dict(mse=f"{m['mse']:.2e}", gate=f"{m['mean_gate']:.3f}",
                        sparsity=f"{m['sparsity']:.2f}"),
         max_steps, progress, model=loaded)
 
 
-__all__ = ["DuoConfig", "batch_for_step", "distill_loss", "duo_step", "train_duo"]
+__all__ = ["DuoConfig", "TextMix", "batch_for_step", "distill_loss", "duo_step", "train_duo"]
