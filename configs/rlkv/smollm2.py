@@ -13,7 +13,8 @@ Kept from the paper (configs/rlkv/tiny.py lists them): group size 4, temperature
 0.4, beta 1e-3, tau 0.5, AdamW lr 1e-2 constant, weight decay 0.017, grad clip 1.0, gates from 1
 clipped into [0, 1], group advantage normalisation, token-mean loss, one update per batch.
 Scaled for two CPU cores: 8 prompts per step (32 rollouts), sink 16 + window 64 (the inference
-setting of the head-level methods here), one dense prefill per prompt and step (`prefill_once`).
+setting of the head-level methods here), one dense prefill per prompt and step (`prefill_once`),
+gradients in passes of 8 sequences (one pass of 32 took over 15 GB).
 Self-distillation: 192 problems (32 per list size), the ones the full model solves greedily,
 128 of them drawn stratified by output length (long lists over-represented).
 """
@@ -50,6 +51,7 @@ CONFIG = RLKVConfig(
     length_power=1.0,
     distill_batch_size=8,
     prefill_once=True,
+    microbatch=8,  # sequences per gradient pass (4 passes a step, summed: the same gradient)
     data_parallel=1,
     seed=0,
     checkpoint_every=2,
