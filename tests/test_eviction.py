@@ -10,7 +10,7 @@ from jaxkv.policies.adakv import AdaKV, CriticalKV
 from jaxkv.policies.merging import cam_merge, kvmerger_merge, nearest_merge
 from jaxkv.policies.registry import make_policy
 from jaxkv.policies.snapkv import (ChunkKV, PyramidKV, SnapKV, avg_pool, prepare_scores,
-                                   select_headwise, select_per_head)
+                                   select_headwise, select_per_head, span_scores)
 from tests.helpers import tiny_model
 
 SPARSE_METHODS = ("snapkv", "pyramidkv", "chunkkv", "adakv", "criticalkv", "critical_adakv",
@@ -34,6 +34,45 @@ def test_per_head_selection_hand_worked():
     # head 1: window {4, 5} + top-2 of {0.5, 0.1, 0.2, 0.05} = {0, 2}
     np.testing.assert_array_equal(keep[0, 0], [0, 1, 0, 1, 1, 1])
     np.testing.assert_array_equal(keep[0, 1], [1, 0, 1, 0, 1, 1])
+
+
+def test_span_selection_hand_worked():
+    # spans of 2: head 0 {0.1, 0.9}=1.0, {0.3, 0.8}=1.1; head 1 {0.5, 0.1}=0.6, {0.2, 0.05}=.25
+    scores = jnp.asarray([[[0.1, 0.9, 0.3, 0.8, 0.0, 0.0],
+                           [0.5, 0.1, 0.2, 0.05, 0.0, 0.0]]])
+    spans = np.asarray(span_scores(scores, 2))
+    np.testing.assert_allclose(spans[0, 0, :4], [1.0, 1.0, 1.1, 1.1], atol=1e-5)
+    assert spans[0, 0, 2] > spans[0, 0, 3]  # ties inside a span: its earlier token first
+    s = prepare_scores(jnp.asarray(spans), jnp.asarray([6]), window=2)
+    keep = np.asarray(select_per_head(s, jnp.asarray([4]), 4))
+    # keep 2 beyond the window: head 0 the span {2, 3} (token-level would take {1, 3}),
+    # head 1 the span {0, 1} (token-level {0, 2})
+    np.testing.assert_array_equal(keep[0, 0], [0, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(keep[0, 1], [1, 1, 0, 0, 1, 1])
+    keep3 = np.asarray(select_per_head(s, jnp.asarray([5]), 5))  # one token more: the next
+    np.testing.assert_array_equal(keep3[0, 0], [1, 0, 1, 1, 1, 1])  # span's first token
+    assert span_scores(scores, 1) is scores
+
+
+@pytest.mark.parametrize("method", ["snapkv", "critical_adakv", "grkv"])
+def test_span_policies_keep_whole_spans(method):
+    """With span 4 every head's kept prompt tokens outside the window are whole aligned spans of
+    4, but for at most one partial span (the budget's cut) per head."""
+    model = tiny_model()
+    policy = make_policy(method, 0.3, model, window=4, kernel=3, span=4)
+    lengths, t = [64, 64], 64
+    cache, obs = _prefill_setup(model, lengths, t, policy)
+    out = policy.compress_layer(0, cache, obs)
+    heads, pos = np.asarray(out.heads), np.asarray(out.positions)
+    counts = np.asarray(out.counts())
+    for b in range(2):
+        for h in range(model.config.num_kv_heads):
+            kept = pos[b][heads[b] == h][:counts[b, h]]
+            beyond = [p for p in kept.tolist() if p < 60]
+            partial = [g for g in set(p // 4 for p in beyond)
+                       if sum(p // 4 == g for p in beyond) != 4]
+            assert len(partial) <= 1, (method, b, h, sorted(beyond))
+            assert len(beyond) >= 8
 
 
 def test_headwise_selection_hand_worked():
@@ -256,6 +295,7 @@ def test_kvmerger_merges_only_similar_adjacent_keys():
     (dict(budget=float("nan")), "budget"),
     (dict(window=0), "window"),
     (dict(kernel=4), "kernel"),
+    (dict(span=0), "span"),
 ])
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -22,6 +22,7 @@ from jaxkv.policies.snapkv import (
     select_headwise,
     select_per_head,
     snap_settings,
+    span_scores,
     value_norms,
 )
 
@@ -75,7 +76,7 @@ class CriticalKV(AdaKV):
                          n_keep)
         first = self._select(scores, n1, n_max)
         # stage 2: the rest by score * ||W_o v||_1, stage-1 tokens forced in
-        critical = jnp.clip(scores, 0.0, 1.0) * value_norms(cache, obs)
+        critical = span_scores(jnp.clip(scores, 0.0, 1.0) * value_norms(cache, obs), self.span)
         top = critical.max(axis=(1, 2), keepdims=True)
         rescored = critical / jnp.maximum(top, 1e-30)
         rescored = jnp.where(first, FORCED + rescored, jnp.where(scores < 0, scores, rescored))
@@ -83,23 +84,24 @@ class CriticalKV(AdaKV):
 
 
 @register_method("adakv")
-def _adakv(budget: float, model, window: int = 32, kernel: int = 5, safeguard: float = 0.2):
+def _adakv(budget: float, model, window: int = 32, kernel: int = 5, safeguard: float = 0.2,
+           span: int = 1):
     """AdaKV: SnapKV scores, one top-k over the heads of a layer, safeguard 0.2."""
-    return AdaKV(budget=budget, safeguard=safeguard, **snap_settings(model, window, kernel))
+    return AdaKV(budget=budget, safeguard=safeguard, **snap_settings(model, window, kernel, span))
 
 
 @register_method("criticalkv")
-def _criticalkv(budget: float, model, window: int = 32, kernel: int = 5):
+def _criticalkv(budget: float, model, window: int = 32, kernel: int = 5, span: int = 1):
     """CriticalKV with SnapKV's uniform per-head budgets."""
-    return CriticalKV(budget=budget, adaptive=False, **snap_settings(model, window, kernel))
+    return CriticalKV(budget=budget, adaptive=False, **snap_settings(model, window, kernel, span))
 
 
 @register_method("critical_adakv")
 def _critical_adakv(budget: float, model, window: int = 32, kernel: int = 5,
-                    safeguard: float = 0.2):
+                    safeguard: float = 0.2, span: int = 1):
     """Critical-AdaKV: value-norm re-scoring with head-wise budgets (GRKV's retention)."""
     return CriticalKV(budget=budget, adaptive=True, safeguard=safeguard,
-                      **snap_settings(model, window, kernel))
+                      **snap_settings(model, window, kernel, span))
 
 
 __all__ = ["AdaKV", "CriticalKV", "per_row_keep"]

@@ -125,6 +125,22 @@ def _rank_keep(scores: jax.Array, n_max: int, n_keep: jax.Array) -> jax.Array:
     return jnp.zeros(scores.shape, bool).at[bi, xi, idx].set(take)
 
 
+def span_scores(scores: jax.Array, span: int) -> jax.Array:
+    """Span-aware scores [B, K, T]: each token gets the sum of its span's scores (spans of `span`
+    consecutive positions, 0..span-1, span..2 span-1, ...), less a tie-break that prefers the
+    span's earlier tokens, so a top-k over them takes whole spans per head (ChunkKV's selection,
+    per KV head instead of per layer). span 1: the scores unchanged."""
+    if span == 1:
+        return scores
+    b, kh, t = scores.shape
+    n = -(-t // span)
+    summed = jnp.pad(scores, [(0, 0), (0, 0), (0, n * span - t)]).reshape(b, kh, n, span).sum(-1)
+    per_token = jnp.repeat(summed, span, axis=-1)[..., :t]
+    offset = (jnp.arange(t) % span).astype(scores.dtype)
+    tie = 1e-6 * offset * jnp.maximum(jnp.max(jnp.abs(summed), axis=-1, keepdims=True), 1e-30)
+    return per_token - tie
+
+
 def prepare_scores(scores: jax.Array, lengths: jax.Array, window: int) -> jax.Array:
     """Nonnegative scores [B, K, T] scaled into [0, 1] per sequence, the window forced
     (FORCED + score) and padding excluded (NEG_INF)."""
@@ -181,17 +197,21 @@ class SnapKV(Policy):
     budget: fraction of the dense cache's bytes, in (0, 1] (the prompt and the decode slots, in
     the cache dtype): each head keeps, on average, the prompt tokens whose keys, values and slot
     indices fit in it next to the dense decode slots (`mean_keep`); window: observation window
-    (always kept); kernel: pooling size (odd, >= 1)."""
+    (always kept); kernel: pooling size (odd, >= 1); span: select whole spans of `span`
+    consecutive prompt tokens per head by their summed scores (`span_scores`; 1: single tokens,
+    the method as published), so a multi-token answer is kept or dropped whole."""
 
     budget: float = 0.2
     window: int = 32
     kernel: int = 5
+    span: int = 1  # > 1: select whole spans of this many consecutive tokens per head
 
     name = "snapkv"
     layer_invariant = True
 
     def __post_init__(self):
         check_snap_settings(self.budget, self.window, self.kernel)
+        check_int("span", self.span, 1)
 
     # -- shared -------------------------------------------------------------------------------
     def observation_positions(self, lengths, t: int):
@@ -251,7 +271,7 @@ class SnapKV(Policy):
         mean = self._mean(cache, obs)
         n_max = self.n_max(layer, t, mean)
         raw = self.scores(cache, obs)  # [B, K, T]
-        scores = prepare_scores(raw, obs.lengths, self.window)
+        scores = prepare_scores(span_scores(raw, self.span), obs.lengths, self.window)
         n_keep = self.n_keep(layer, obs.lengths, t, n_max)
         keep = self.select(layer, scores, n_keep, n_max, cache, obs)
         k, v = self.adjust(layer, cache.k, cache.v, keep, raw, cache, obs)
@@ -347,25 +367,27 @@ class ChunkKV(SnapKV):
 # ----------------------------------------------------------------------------- registry
 
 
-def snap_settings(model, window, kernel):
-    """The observation settings of a SnapKV-family method, checked against the model."""
+def snap_settings(model, window, kernel, span: int = 1):
+    """The observation settings of a SnapKV-family method, checked against the model (span:
+    the span-aware selection, `SnapKV.span`)."""
     if window > model.config.max_position_embeddings:
         raise ValueError(f"window={window}: larger than the model's context "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
-    return dict(window=window, kernel=kernel)
+    return dict(window=window, kernel=kernel, span=span)
 
 
 @register_method("snapkv")
-def _snapkv(budget: float, model, window: int = 32, kernel: int = 5):
-    """SnapKV at `budget` of the prompt per head."""
-    return SnapKV(budget=budget, **snap_settings(model, window, kernel))
+def _snapkv(budget: float, model, window: int = 32, kernel: int = 5, span: int = 1):
+    """SnapKV at `budget` of the prompt per head (span > 1: whole spans of that many tokens)."""
+    return SnapKV(budget=budget, **snap_settings(model, window, kernel, span))
 
 
 @register_method("pyramidkv")
-def _pyramidkv(budget: float, model, window: int = 32, kernel: int = 5, beta: float = 20.0):
+def _pyramidkv(budget: float, model, window: int = 32, kernel: int = 5, beta: float = 20.0,
+               span: int = 1):
     """PyramidKV: SnapKV with per-layer budgets shrinking with depth (mean = budget)."""
     return PyramidKV(budget=budget, num_layers=model.config.num_layers, beta=beta,
-                     **snap_settings(model, window, kernel))
+                     **snap_settings(model, window, kernel, span))
 
 
 @register_method("chunkkv")
@@ -375,5 +397,5 @@ def _chunkkv(budget: float, model, window: int = 32, kernel: int = 5, chunk_size
 
 
 __all__ = ["SnapKV", "PyramidKV", "ChunkKV", "snapkv_scores", "window_attention", "avg_pool",
-           "value_norms", "prepare_scores", "select_per_head", "select_headwise", "per_row_keep",
+           "value_norms", "span_scores", "prepare_scores", "select_per_head", "select_headwise", "per_row_keep",
            "window_mask"]
