@@ -235,12 +235,16 @@ class RLKVConfig:
 
 def generate_batched(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      batch_size: int, *, policy=None, temperature: float = 0.0,
-                     top_p: float = 1.0, seed: int = 0, eos_ids=None, mesh=None) -> List[List[int]]:
+                     top_p: float = 1.0, seed: int = 0, eos_ids=None, mesh=None,
+                     progress: bool = False, desc: str = "generate") -> List[List[int]]:
     """`generate` over fixed-size batches (the last one padded by repeating its final prompt, so
     every call has one shape and compiles once). Returns the completions in order."""
+    from tqdm.auto import tqdm
+
     from jaxkv.generate import generate
     out: List[List[int]] = []
-    for c, start in enumerate(range(0, len(prompts), batch_size)):
+    starts = range(0, len(prompts), batch_size)
+    for c, start in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress)):
         chunk = [list(p) for p in prompts[start:start + batch_size]]
         real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - real)
@@ -259,7 +263,8 @@ def self_distill(model, cfg: RLKVConfig, verify: Callable[[Item, Sequence[int]],
     if not pool:
         raise ValueError(f"data: the pool is empty ({cfg.data})")
     completions = generate_batched(model, [it["prompt_ids"] for it in pool], max_new_tokens,
-                                   cfg.distill_batch_size, eos_ids=cfg.data.eos_ids, mesh=mesh)
+                                   cfg.distill_batch_size, eos_ids=cfg.data.eos_ids, mesh=mesh,
+                                   progress=progress, desc="rlkv: self-distillation")
     for it, comp in zip(pool, completions):
         it["solved"] = bool(verify(it, comp) > 0.5)
         it["output_length"] = len(comp)
@@ -446,7 +451,7 @@ def train_rlkv(cfg: RLKVConfig, out_dir: str, max_steps: Optional[int] = None,
         items, distill_stats = saved["items"], saved["stats"]
     else:
         items, distill_stats = self_distill(trainer.model, cfg, trainer.verify,
-                                            trainer.max_new_tokens, mesh)
+                                            trainer.max_new_tokens, mesh, progress)
         write_json_atomic({"stats": distill_stats, "items": items}, set_path, indent=None)
     if progress:
         print(f"rlkv: training set {distill_stats}")
