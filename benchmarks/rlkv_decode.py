@@ -3,6 +3,8 @@ cache at long context, next to the bound 1 / ((1 - s) + s * (sink + window) / T)
 
   python benchmarks/rlkv_decode.py                         # contexts 8192 32768, sparsity 0.6
   python benchmarks/rlkv_decode.py --contexts 8192 --sparsity 0.4 0.6 0.8 --dtype bfloat16
+  python benchmarks/rlkv_decode.py --model smollm2-135m-instruct --contexts 4096 8000 \
+      --sparsity 0.5 --gates runs/rlkv_smollm2/gates.json           # a real model, its gates
 
 Model: random Llama-style weights (benchmarks/common.py; --layers/--hidden/--heads/--kv-heads/
 --head-dim). Caches of the given context are built directly from random keys/values (the layout,
@@ -30,10 +32,11 @@ from jaxkv.model.decoder import init_params
 from jaxkv.policies.rlkv import random_gates, select_heads
 
 
-def caches(cfg, context, sparsity, sink, window, steps, seed):
+def caches(cfg, context, sparsity, sink, window, steps, seed, gates=None):
     rng = np.random.default_rng(seed)
     kh, d = cfg.num_kv_heads, cfg.head_dim
-    gates = random_gates(cfg.num_layers, kh, seed)
+    if gates is None:
+        gates = random_gates(cfg.num_layers, kh, seed)
     full_heads, stream_heads = select_heads(gates, sparsity)
     dense, split = [], []
     for layer in range(cfg.num_layers):
@@ -53,14 +56,35 @@ def main(argv=None):
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--window", type=int, default=64)
     add_model_args(ap)
+    ap.add_argument("--model", default=None,
+                    help="a real model (name or path): its weights and config, not random ones")
+    ap.add_argument("--gates", default=None,
+                    help="gate file of --model choosing the streaming heads (default: random)")
     ap.add_argument("--out", default="runs/rlkv_decode.json")
     args = ap.parse_args(argv)
+    if args.gates is not None and args.model is None:
+        ap.error("--gates needs --model (gate files belong to one model)")
+    model = gates = None
+    if args.model is not None:
+        import dataclasses
+
+        import jaxkv
+        from jaxkv.policies.rlkv import load_gates
+        model = jaxkv.load(args.model, dtype=args.dtype)
+        if args.gates is not None:
+            gates = load_gates(args.gates, model)
+        args.layers = model.config.num_layers
     rows = []
     for context in args.contexts:
-        cfg = bench_config(args, context)
-        params = init_params(cfg, 0)
+        if model is None:
+            cfg = bench_config(args, context)
+            params = init_params(cfg, 0)
+        else:
+            cfg = dataclasses.replace(model.config, max_position_embeddings=max(
+                model.config.max_position_embeddings, context + args.steps))
+            params = model.params
         for s in args.sparsity:
-            dense, split = caches(cfg, context, s, args.sink, args.window, args.steps, 0)
+            dense, split = caches(cfg, context, s, args.sink, args.window, args.steps, 0, gates)
             td = decode_time(cfg, params, dense, args.steps, args.repeats, context)
             ts = decode_time(cfg, params, split, args.steps, args.repeats, context)
             db = sum(c.nbytes() for c in dense)
@@ -75,6 +99,7 @@ def main(argv=None):
                              dense_bytes=db, split_bytes=sb, bytes_ratio=sb / db))
             del dense, split
     result = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
+              "model": args.model or "random weights", "gates": args.gates or "random",
               "args": vars(args), "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
