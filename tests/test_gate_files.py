@@ -99,3 +99,20 @@ def test_shipped_gate_files_carry_their_models_fingerprint():
         path = os.path.join(folder, f"gates_{method}.json")
         assert read_gate_file(path)[1] == model.fingerprint, path
         _no_warnings(lambda: make_policy(method, 0.5, model, gates=path, sink=4, window=16))
+
+
+def test_shipped_gates_are_the_default(models):
+    """make_policy("rlkv" | "duo", budget, model) without gates= takes the gate file shipped for
+    the model's fingerprint; a model with none shipped gets a ValueError with the train command."""
+    import jaxkv
+    from jaxkv.policies.rlkv import shipped_gate_file
+    model = jaxkv.load("tiny")
+    for method in ("rlkv", "duo"):
+        path = shipped_gate_file(method, model)
+        assert path is not None and os.path.basename(path) == f"gates_{method}.json"
+        default = make_policy(method, 0.5, model, sink=4, window=16)
+        explicit = make_policy(method, 0.5, model, gates=path, sink=4, window=16)
+        assert default.head_split(256) == explicit.head_split(256)
+        assert shipped_gate_file(method, models[0]) is None
+        with pytest.raises(ValueError, match=f"python -m train {method}"):
+            make_policy(method, 0.5, models[0])

@@ -449,6 +449,23 @@ class RLKV(Policy):
                                          obs.extra_capacity)
 
 
+def shipped_gate_file(method: str, model) -> Optional[str]:
+    """The gate file of `method` ("rlkv" or "duo") shipped in the package for `model` (the
+    file in a folder of jaxkv/assets/ or jaxkv/assets/gates/ whose recorded fingerprint is the
+    model's), or None."""
+    import glob
+    fp = getattr(model, "fingerprint", None)
+    if fp is None:
+        return None
+    assets = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+    for folder in sorted(glob.glob(os.path.join(assets, "*", ""))) + sorted(
+            glob.glob(os.path.join(assets, "gates", "*", ""))):
+        path = os.path.join(folder, f"gates_{method}.json")
+        if os.path.isfile(path) and read_gate_file(path)[1] == fp:
+            return path
+    return None
+
+
 def policy_for_budget(cls, budget: float, model, gates, sink: int, window: int,
                       prompt_len: Optional[int], method: str, allow_other_model: bool = False):
     """Shared by the registered factories: `cls(gates, sparsity)` with the sparsity that matches
@@ -456,8 +473,13 @@ def policy_for_budget(cls, budget: float, model, gates, sink: int, window: int,
     path is read with `load_gates(gates, model, allow_other_model=...)`: it must belong to
     `model` (see the module doc)."""
     if gates is None:
+        gates = shipped_gate_file(method, model)
+    if gates is None:
         raise ValueError(f"gates=None: method {method!r} needs gates, a gate file path (JSON or "
-                         f"TSV, see jaxkv.policies.rlkv.save_gates) or a [layers, kv_heads] array")
+                         f"TSV, see jaxkv.policies.rlkv.save_gates) or a [layers, kv_heads] "
+                         f"array; none ships for this model (fingerprint "
+                         f"{getattr(model, 'fingerprint', '?')}): train them with "
+                         f"`python -m train {method} --model ... --out DIR` (DIR/gates.json)")
     if not isinstance(allow_other_model, bool):
         raise ValueError(f"allow_other_model={allow_other_model!r}: must be True or False")
     if isinstance(gates, (str, os.PathLike)):
@@ -497,7 +519,7 @@ def _random_heads(budget: float, model, seed: int = 0, sink: int = 16, window: i
                              sink, window, prompt_len, "random_heads")
 
 
-__all__ = ["RLKV", "check_gates", "save_gates", "load_gates", "read_gate_file",
+__all__ = ["RLKV", "shipped_gate_file", "check_gates", "save_gates", "load_gates", "read_gate_file",
            "check_gate_fingerprint", "plot_gates", "random_gates",
            "select_heads", "sparsity_for_budget", "num_streaming", "check_sparsity",
            "policy_for_budget"]
