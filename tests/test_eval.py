@@ -52,7 +52,8 @@ def oracle():
 
 def _config(out_dir, budgets=(0.5,), **kw):
     kw.setdefault("method_settings", {"oracle": {"window": 7}})
-    return ev.EvalConfig(methods=("full", "oracle"), budgets=budgets,
+    kw.setdefault("methods", ("full", "oracle"))
+    return ev.EvalConfig(budgets=budgets,
                          tasks=("running_sum", "niah_single"), n_samples=4, batch_size=2,
                          seed=3, task_settings=TASK_SETTINGS, out_dir=str(out_dir), **kw)
 
@@ -343,3 +344,25 @@ def test_equal_policies_share_one_decoding(model, tmp_path, monkeypatch):
     assert (low["budget"], high["budget"]) == (0.1, 0.25)
     same = lambda r: {k: v for k, v in r.items() if k not in ("budget", "seconds")}
     assert same(low) == same(high)
+
+
+def test_method_variants_carry_their_settings(model, oracle, tmp_path):
+    """"name[key=value;...]" is a variant of a registered method: its settings go to the factory
+    (under method_settings), it gets its own records, and the CLI splits around its brackets."""
+    from train.__main__ import _names
+    assert ev.split_method("snapkv[span=10]") == ("snapkv", {"span": 10})
+    assert ev.split_method("grkv[span=10; lam=1e-3, gates=runs/a/g.json]") == (
+        "grkv", {"span": 10, "lam": 1e-3, "gates": "runs/a/g.json"})
+    assert ev.split_method("snapkv") == ("snapkv", {})
+    assert _names("full,snapkv[span=4,kernel=3],kivi2") == ["full", "snapkv[span=4,kernel=3]",
+                                                             "kivi2"]
+    with pytest.raises(ValueError, match="key=value"):
+        ev.split_method("snapkv[10]")
+    with pytest.raises(ValueError, match="methods\\[1\\]"):
+        ev.EvalConfig(methods=("full", "nosuch[a=1]"), budgets=(0.5,), tasks=("running_sum",))
+    config = _config(tmp_path, methods=("full", "oracle", "oracle[window=3;tag='x']"),
+                     method_settings={"oracle": {"window": 7}})
+    records = ev.evaluate(model, config, progress=False)
+    assert [r["method"] for r in records[:3]] == ["full", "oracle", "oracle[window=3;tag='x']"]
+    assert records[2]["method_settings"] == {"window": 3, "tag": "x"}
+    assert (0.5, {"window": 3, "tag": "x"}) in oracle and (0.5, {"window": 7}) in oracle

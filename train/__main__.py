@@ -6,7 +6,16 @@ import sys
 
 
 def _names(text: str):
-    names = [x.strip() for x in text.split(",") if x.strip()]
+    # commas inside [...] belong to a method variant's settings ("snapkv[span=10]")
+    names, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            names.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    names = [x.strip() for x in names + [cur] if x.strip()]
     if not names:
         raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated names")
     return names

@@ -12,7 +12,7 @@ Modules: `config` (EvalConfig), `prompts` (task names -> prompts and scorers, fo
 in-house tasks), `runner` (the loop, records, resumption), `stats` (Wilson intervals, paired
 bootstrap, family averages), `report` (results.json, the plot, tables, paired comparisons).
 """
-from jaxkv.eval.config import FULL, EvalConfig
+from jaxkv.eval.config import FULL, EvalConfig, split_method
 from jaxkv.eval.prompts import PromptSet, prompt_set, task_suite
 from jaxkv.eval.report import (PAIRED_FILE, PLOT_FILE, RESULTS_FILE, format_paired, format_table,
                                load_results, paired_comparisons, plot_accuracy_vs_budget,
@@ -20,7 +20,7 @@ from jaxkv.eval.report import (PAIRED_FILE, PLOT_FILE, RESULTS_FILE, format_pair
 from jaxkv.eval.runner import PARTIAL_FILE, evaluate, model_identity, record_key
 from jaxkv.eval.stats import family_averages, paired_bootstrap, wilson_interval
 
-__all__ = ["EvalConfig", "evaluate", "paired_bootstrap", "wilson_interval", "write_results",
+__all__ = ["EvalConfig", "split_method", "evaluate", "paired_bootstrap", "wilson_interval", "write_results",
            "load_results", "format_table", "family_averages", "plot_accuracy_vs_budget",
            "record_key", "paired_comparisons", "format_paired", "write_json", "prompt_set",
            "task_suite", "PromptSet", "model_identity", "FULL", "RESULTS_FILE", "PLOT_FILE",

@@ -1,8 +1,10 @@
 """What an evaluation runs: `EvalConfig`, a frozen, self-validating dataclass."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
+import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -12,6 +14,33 @@ from jaxkv.policies.base import check_budget
 from jaxkv.policies.registry import check_method
 
 FULL = "full"
+_VARIANT = re.compile(r"^([A-Za-z0-9_]+)\[(.*)\]$")
+
+
+def split_method(label: str) -> Tuple[str, Dict[str, Any]]:
+    """A method label -> (registered name, settings): "snapkv" -> ("snapkv", {});
+    "snapkv[span=10]" -> ("snapkv", {"span": 10}); "random_heads[seed=1]"; several settings
+    separated by ';' or ',' ("grkv[span=10;lam=0.001]"; so no value holds either). Values are Python literals (numbers, True,
+    'text'), anything else a plain string (a path). A variant is its own method in a sweep: its
+    own records and resume key, the same prompts."""
+    m = _VARIANT.match(label) if isinstance(label, str) else None
+    if m is None:
+        return label, {}
+    name, body = m.group(1), m.group(2)
+    settings: Dict[str, Any] = {}
+    for part in (p.strip() for p in re.split(r"[;,]", body)):
+        if not part:
+            continue
+        key, eq, text = part.partition("=")
+        key = key.strip()
+        if not eq or not key.isidentifier():
+            raise ValueError(f"method {label!r}: settings in [...] are key=value pairs separated "
+                             f"by ';' or ',', got {part!r}")
+        try:
+            settings[key] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            settings[key] = text.strip()
+    return name, settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +52,9 @@ class EvalConfig:
         model decides which family a name means (`jaxkv.eval.prompts.task_suite`).
     lengths: prompt lengths in tokens for the real-text tasks (each task at each length); ignored
         by the in-house tasks, whose prompts have their own sizes. () means (4096,) for text.
-    `method_settings[name]` goes to that method's factory as keywords; `task_settings[name]`
+    A method may carry settings in its label, "name[key=value;...]" (`split_method`: e.g.
+    "snapkv[span=10]", "random_heads[seed=1]"), a variant with its own records.
+    `method_settings[name]` goes to that method's factory as keywords (over the label's); `task_settings[name]`
     overrides that task's defaults. `max_new_tokens=None`: the task's own answer length (RULER's
     per-task lengths for text; the longest target for in-house tasks). `chat`: wrap text prompts
     in the model's chat template (None: when it has one); off by default, as RULER prompts
@@ -57,7 +88,7 @@ class EvalConfig:
     def __post_init__(self):
         methods = _as_str_tuple(self.methods, "methods")
         for i, m in enumerate(methods):
-            check_method(m, f"methods[{i}]")
+            check_method(split_method(m)[0], f"methods[{i}]")
         tasks = _as_str_tuple(self.tasks, "tasks")
         from jaxkv.tasks import TASKS, TEXT_TASKS
         for i, t in enumerate(tasks):
@@ -151,4 +182,4 @@ def _settings_map(value, name: str, allowed: Tuple[str, ...]) -> Dict[str, Dict[
     return out
 
 
-__all__ = ["EvalConfig", "FULL"]
+__all__ = ["EvalConfig", "FULL", "split_method"]

@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from jaxkv.eval.config import EvalConfig
+from jaxkv.eval.config import EvalConfig, split_method
 from jaxkv.eval.prompts import PromptSet, batches, prompt_set, resolve_chat, task_suite
 from jaxkv.eval.report import (PLOT_FILE, RESULTS_FILE, load_results, write_json,
                                write_results)
@@ -132,7 +132,8 @@ def evaluate(model, config: EvalConfig, progress: bool = True) -> List[dict]:
             pset: Optional[PromptSet] = None
             jobs = []
             for method in config.methods:
-                msettings = config.method_settings.get(method, {})
+                base, inline = split_method(method)
+                msettings = {**inline, **config.method_settings.get(method, {})}
                 for budget in config.budgets_for(method):
                     if pset is None:
                         pset = prompt_set(model, task, length, config.n_samples, config.seed,
@@ -148,7 +149,7 @@ def evaluate(model, config: EvalConfig, progress: bool = True) -> List[dict]:
                         say(f"skip {task}{'' if length is None else f' @ {length}'} / {method} "
                             f"@ {budget:g}: already in {os.path.join(out_dir, RESULTS_FILE)}")
                         continue
-                    policy = make_policy(method, budget, model, **msettings)
+                    policy = make_policy(base, budget, model, **msettings)
                     jobs.append(_Job(method, budget, policy, key, msettings))
             if jobs:
                 groups = batches(pset.prompts, config.batch_size)
