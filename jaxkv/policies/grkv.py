@@ -268,9 +268,10 @@ class GRKV(CriticalKV):
 
 @register_method("grkv")
 def _grkv(budget: float, model, window: int = 32, kernel: int = 5, n_ref: int = 32,
-          lam: float = 0.01, span: int = 1):
-    """GRKV: Critical-AdaKV retention + ridge-regression merging of the kept keys/values
-    (span > 1: the retention keeps whole spans of that many tokens)."""
+          lam: float = 0.01, span: int = 10):
+    """GRKV: Critical-AdaKV retention in spans of `span` tokens (the seeds' span retention;
+    span=1: token-level Critical-AdaKV retention) + ridge-regression merging of the kept
+    keys/values."""
     return GRKV(budget=budget, n_ref=n_ref, lam=lam, **snap_settings(model, window, kernel, span))
 
 
