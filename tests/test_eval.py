@@ -366,3 +366,30 @@ def test_method_variants_carry_their_settings(model, oracle, tmp_path):
     assert [r["method"] for r in records[:3]] == ["full", "oracle", "oracle[window=3;tag='x']"]
     assert records[2]["method_settings"] == {"window": 3, "tag": "x"}
     assert (0.5, {"window": 3, "tag": "x"}) in oracle and (0.5, {"window": 7}) in oracle
+
+
+def test_a_changed_policy_is_recomputed(model, tmp_path):
+    """A record remembers its policy (repr, defaults included): when a method's defaults change
+    the saved record is recomputed, not reused; an unchanged policy is reused."""
+    config = ev.EvalConfig(methods=("full", "snapkv"), budgets=(0.5,), tasks=("running_sum",),
+                           n_samples=2, batch_size=2, seed=3, out_dir=str(tmp_path),
+                           task_settings={"running_sum": TASK_SETTINGS["running_sum"]},
+                           method_settings={"snapkv": {"window": 2}})
+    first = ev.evaluate(model, config, progress=False)
+    assert first[1]["policy"].startswith("SnapKV(budget=0.5, window=2")
+    saved = json.loads((tmp_path / "results.json").read_text())
+    saved[1]["policy"] = saved[1]["policy"].replace("span=1", "span=3")  # made by other defaults
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    calls = []
+    from jaxkv.eval import runner
+    real = runner._run_batch
+    runner_batch = lambda *a, **k: (calls.append(len(a[5])), real(*a, **k))[1]
+    import pytest as _pytest
+    mp = _pytest.MonkeyPatch()
+    mp.setattr(runner, "_run_batch", runner_batch)
+    try:
+        again = ev.evaluate(model, config, progress=False)
+    finally:
+        mp.undo()
+    assert calls == [1]  # snapkv only; full reused
+    assert again[1]["policy"] == first[1]["policy"]

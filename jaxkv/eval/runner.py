@@ -29,11 +29,14 @@ A record (one per task, length, method and requested budget; "full" once at budg
 
 Resumption: a record in out_dir/results.json with the same key (`record_key`: task, length,
 method, budget, n, seed, model fingerprint, dtype, chat, batch size, max_new_tokens and both
-settings) is reused; any other difference recomputes. Finished batches of unfinished records are
+settings) is reused if the same policy made it (`policy`: the built policy's repr, defaults
+included; records without the field are reused), so a method whose defaults changed is recomputed;
+any other difference recomputes. Finished batches of unfinished records are
 kept in out_dir/partial.json after every batch, so an interrupted run loses at most one batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -69,6 +72,18 @@ def record_key(record: Mapping[str, Any]) -> tuple:
 def model_identity(model) -> Dict[str, str]:
     return {"name": getattr(model, "name", None) or getattr(model, "path", None) or "?",
             "fingerprint": model.fingerprint}
+
+
+def policy_identity(policy) -> str:
+    """What a record remembers of the policy that made it: its repr (every setting, defaults
+    included; arrays as their values), so a rerun after a method's defaults changed recomputes
+    instead of reusing the record. Fields left out of a dataclass policy's == (KIVI's recorded
+    budget) are left out here too."""
+    if dataclasses.is_dataclass(policy) and not isinstance(policy, type):
+        fields = [f for f in dataclasses.fields(policy) if f.compare]
+        return f"{type(policy).__name__}(" + ", ".join(
+            f"{f.name}={getattr(policy, f.name)!r}" for f in fields) + ")"
+    return repr(policy)
 
 
 def _has_key(record) -> bool:
@@ -144,12 +159,22 @@ def evaluate(model, config: EvalConfig, progress: bool = True) -> List[dict]:
                         chat=chat, batch_size=config.batch_size,
                         max_new_tokens=pset.max_new_tokens, task_settings=settings,
                         method_settings=msettings))
-                    if key in previous:
+                    policy = make_policy(base, budget, model, **msettings)
+                    made_by = policy_identity(policy)
+                    # a record from before the field was written is reused; one built by another
+                    # policy (a method's defaults changed since) is recomputed
+                    if key in previous and previous[key].get("policy", made_by) == made_by:
                         results[key] = previous[key]
                         say(f"skip {task}{'' if length is None else f' @ {length}'} / {method} "
                             f"@ {budget:g}: already in {os.path.join(out_dir, RESULTS_FILE)}")
                         continue
-                    policy = make_policy(base, budget, model, **msettings)
+                    if key in previous:
+                        say(f"redo {task}{'' if length is None else f' @ {length}'} / {method} "
+                            f"@ {budget:g}: its policy changed since the saved record")
+                    done = partial.get(json.dumps(key), {})
+                    for b in [b for b, part in done.items()
+                              if part.get("policy", made_by) != made_by]:
+                        del done[b]  # batches another policy made
                     jobs.append(_Job(method, budget, policy, key, msettings))
             if jobs:
                 groups = batches(pset.prompts, config.batch_size)
@@ -240,7 +265,8 @@ def _run_batch(gen_mod, model, pset: PromptSet, idx, bi: int, jobs, partial, bat
         partial.setdefault(job.id, {})[str(bi)] = dict(
             index=list(idx), scores=scores, completions=texts, needle_survival=survival,
             cache_bytes=gen.cache_bytes * share, full_bytes=gen.full_cache_bytes * share,
-            seconds=gen.seconds, prompt_tokens=sum(gen.prompt_lengths[:len(idx)]))
+            seconds=gen.seconds, prompt_tokens=sum(gen.prompt_lengths[:len(idx)]),
+            policy=policy_identity(job.policy))
 
 
 def _make_record(pset: PromptSet, job: _Job, done: Mapping[str, Any], config: EvalConfig,
@@ -287,6 +313,7 @@ def _make_record(pset: PromptSet, job: _Job, done: Mapping[str, Any], config: Ev
         "max_new_tokens": pset.max_new_tokens,
         "task_settings": dict(config.task_settings.get(pset.task, {})),
         "method_settings": dict(job.settings),
+        "policy": policy_identity(job.policy),
         "seconds": round(seconds, 3),
         "needle_survival": [None if s is None else round(s, 4) for s in survival],
         "needle_survival_mean": (None if not known else round(float(np.mean(known)), 4)),
@@ -309,4 +336,4 @@ def _load_partial(out_dir) -> Dict[str, Dict[str, Any]]:
     return data if isinstance(data, dict) else {}
 
 
-__all__ = ["evaluate", "record_key", "model_identity", "PARTIAL_FILE"]
+__all__ = ["evaluate", "record_key", "model_identity", "policy_identity", "PARTIAL_FILE"]
