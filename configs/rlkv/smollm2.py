@@ -10,8 +10,12 @@ the list (0.875 of 8 prompts with 5 numbers at 1K), with every head streaming (s
 64) it does not (0.125). Exact verifier: the whole list, in order, in the completion.
 
 Kept from the paper (configs/rlkv/tiny.py lists them): group size 4, temperature 1.0, eps_clip
-0.4, beta 1e-3, tau 0.5, AdamW lr 1e-2 constant, weight decay 0.017, grad clip 1.0, gates from 1
+0.4, beta 1e-3, AdamW lr 1e-2 constant, weight decay 0.017, grad clip 1.0, gates from 1
 clipped into [0, 1], group advantage normalisation, token-mean loss, one update per batch.
+tau 0.25 instead of 0.5: the reward-adaptive L1 penalty acts only while the batch's mean reward
+exceeds tau, and the model's sampled reward on this task at temperature 1 is 0.31-0.38 (greedy it
+solves 190 of 192 pool problems); at 0.5 the penalty never acted in the first steps, so nothing
+pushed gates down. The paper's tau sits below its models' reward, as 0.25 does here.
 Scaled for two CPU cores: 8 prompts per step (32 rollouts), sink 16 + window 64 (the inference
 setting of the head-level methods here), one dense prefill per prompt and step (`prefill_once`),
 gradients in passes of 8 sequences (one pass of 32 took over 15 GB).
@@ -32,7 +36,7 @@ CONFIG = RLKVConfig(
     max_new_tokens=56,  # 8 numbers of 4 digits with their separators, and the EOS
     eps_clip=0.4,
     beta=1e-3,
-    tau=0.5,
+    tau=0.25,  # below the full model's sampled reward here (0.31-0.38 at temperature 1)
     advantage_norm="group",
     loss_agg="token_mean",
     updates_per_batch=1,
