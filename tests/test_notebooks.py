@@ -38,7 +38,8 @@ def check_quickstart(folder):
 def check_grkv(folder):
     out = _load(folder, "grkv_results.json")
     methods = out["methods"]
-    for name in ("snapkv", "critical_adakv", "grkv"):
+    spans = "critical_adakv[span=10]"
+    for name in ("snapkv", "critical_adakv", spans, "grkv"):
         r = methods[name]
         assert r["fraction"] <= out["budget"], (name, r["fraction"])
         assert len(r["error_per_layer"]) == 30  # SmolLM2's layers
@@ -46,9 +47,9 @@ def check_grkv(folder):
         assert len(r["kept_fraction"]) == out["length"]
         # the window (last 32 tokens) is kept in every layer and head
         assert all(f == 1.0 for f in r["kept_fraction"][-32:])
-    # GRKV's retention is Critical-AdaKV's: the same tokens, adjusted keys and values
-    assert methods["grkv"]["kept_fraction"] == methods["critical_adakv"]["kept_fraction"]
-    assert methods["grkv"]["mean_error"] != methods["critical_adakv"]["mean_error"]
+    # GRKV's retention is Critical-AdaKV's in spans of 10: the same tokens, adjusted keys and values
+    assert methods["grkv"]["kept_fraction"] == methods[spans]["kept_fraction"]
+    assert methods["grkv"]["mean_error"] != methods[spans]["mean_error"]
     assert os.path.getsize(os.path.join(folder, "grkv.png")) > 0
 
 
