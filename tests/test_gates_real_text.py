@@ -40,7 +40,7 @@ def test_rlkv_two_steps_on_text_tasks(model, tmp_path):
     data = TextSource(tasks=(("copy_list", (("num_items", 3),)),), lengths=(256,), chat=True)
     cfg = base.replace(data=data, pool_size=4, train_size=4, prompts_per_step=2, group_size=2,
                        max_new_tokens=6, keep_only_solved=False, steps=2, checkpoint_every=1,
-                       sink=4, window=16)
+                       sink=4, window=16, microbatch=2)  # two gradient passes a step
     report = train_rlkv(cfg, str(tmp_path), progress=False, model=model)
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
