@@ -67,7 +67,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxkv.cache.gated import check_streaming, mix_softmax  # the mixing math (jaxkv.cache)
+from jaxkv.cache.gated import check_streaming, mixed_attention  # the mixing math (jaxkv.cache)
 
 NEG_INF = -1e30
 STATS = 128  # lanes of the per-row statistics arrays (lane 0/1: lse full/stream; 2/3: deltas)
@@ -81,24 +81,20 @@ def mixed_prefill_attention_reference(alpha: jax.Array, q: jax.Array, k: jax.Arr
                                       prompt_lengths: Optional[jax.Array], sink: int,
                                       window: int) -> jax.Array:
     """The jnp math (differentiable in everything): both branches from one float32 score
-    matrix, their softmaxes mixed per KV head by `jaxkv.cache.gated.mix_softmax`.
+    matrix, their softmaxes mixed per KV head by `jaxkv.cache.gated.mix_softmax`
+    (`jaxkv.cache.gated.mixed_attention`).
 
     alpha: [K]; q: [B, T, H, D]; k, v: [B, T, K, D]; positions: [B, T]; prompt_lengths: [B]
     or None -> [B, T, H, D] in q's dtype."""
     sink, window = check_streaming(sink, window)
-    b, t, h, d = q.shape
-    kh = k.shape[2]
-    qg = q.reshape(b, t, kh, h // kh, d).astype(jnp.float32)  # [B, T, K, G, D]
-    scores = jnp.einsum("BTKGD,BSKD->BKGTS", qg, k.astype(jnp.float32)) * d ** -0.5
     qp, kp = positions[:, :, None], positions[:, None, :]
     full = kp <= qp  # [B, T, S] causal
     stream = full & ((qp - kp < window) | (kp < sink))
     if prompt_lengths is not None:
         in_prompt = positions < jnp.asarray(prompt_lengths)[:, None]  # [B, T]
         stream = stream | (full & in_prompt[:, :, None])
-    probs = mix_softmax(scores, full[:, None, None], stream[:, None, None], alpha)
-    out = jnp.einsum("BKGTS,BSKD->BTKGD", probs, v.astype(jnp.float32))
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    return mixed_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), full, stream,
+                           alpha, q.shape[-1] ** -0.5)
 
 
 # ---- kernel helpers ------------------------------------------------------------------------------

@@ -59,6 +59,22 @@ def mix_softmax(scores: jax.Array, full_mask: jax.Array, stream_mask: jax.Array,
     return e * (a / z_full) + e_stream * ((1.0 - a) / z_stream)
 
 
+def mixed_attention(q: jax.Array, k: jax.Array, v: jax.Array, full: jax.Array,
+                    stream: jax.Array, alpha: jax.Array, scale: float) -> jax.Array:
+    """Gated mixed attention from one float32 score matrix: q [B, T, H, D] over k, v [B, K, S, D]
+    (the G = H / K query heads of a KV head share it), with bool masks full and stream [B, T, S]
+    (stream a subset of full) mixed per KV head by `mix_softmax` with alpha [K] -> [B, T, H, D]
+    in q's dtype. The decode step, the training prefill's reference and the completion's extend
+    all compute their attention here; they differ only in their masks."""
+    b, t, h, d = q.shape
+    kh = k.shape[1]
+    qg = q.reshape(b, t, kh, h // kh, d).astype(jnp.float32)  # [B, T, K, G, D]
+    scores = jnp.einsum("BTKGD,BKSD->BKGTS", qg, k.astype(jnp.float32)) * scale
+    probs = mix_softmax(scores, full[:, None, None], stream[:, None, None], alpha)
+    out = jnp.einsum("BKGTS,BKSD->BTKGD", probs, v.astype(jnp.float32))
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
 def gated_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array,
                            alpha: jax.Array, *, sink: int, window: int,
                            scale: float) -> jax.Array:
@@ -67,19 +83,13 @@ def gated_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: ja
     q: [B, H, D]; k, v: [B, K, S, D]; lengths: [B] valid slots (the query is the token at slot
     lengths - 1); alpha: [K] -> out [B, H, D] (dtype of q). Scores once, in float32.
     """
-    b, h, d = q.shape
-    kh, s = k.shape[1], k.shape[2]
-    qg = q.reshape(b, kh, h // kh, d).astype(jnp.float32)  # [B, K, G, D]
-    scores = jnp.einsum("BKGD,BKSD->BKGS", qg, k.astype(jnp.float32)) * scale
+    s = k.shape[2]
     slot = jnp.arange(s, dtype=jnp.int32)[None, :]  # [1, S]
     full = slot < lengths[:, None]  # [B, S]
     newest = (lengths - 1)[:, None]
     stream = full & ((slot < sink) | (newest - slot < window))  # [B, S]
-    # mix_softmax works on [B, K, G, T, S]: one query row (T = 1)
-    probs = mix_softmax(scores[:, :, :, None, :], full[:, None, None, None, :],
-                        stream[:, None, None, None, :], alpha)[:, :, :, 0, :]  # [B, K, G, S]
-    out = jnp.einsum("BKGS,BKSD->BKGD", probs, v.astype(jnp.float32))
-    return out.reshape(b, h, d).astype(q.dtype)
+    # one query row (T = 1)
+    return mixed_attention(q[:, None], k, v, full[:, None], stream[:, None], alpha, scale)[:, 0]
 
 
 @flax.struct.dataclass
@@ -142,4 +152,4 @@ class GatedDenseCache:
         return self.k, self.v, jnp.broadcast_to(valid, self.k.shape[:3])
 
 
-__all__ = ["GatedDenseCache", "gated_decode_attention"]
+__all__ = ["GatedDenseCache", "gated_decode_attention", "mixed_attention"]

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 # the mixing math lives with the cache that decodes with it (kernels read it from there too)
-from jaxkv.cache.gated import check_streaming, mix_softmax
+from jaxkv.cache.gated import check_streaming, mix_softmax, mixed_attention
 # the one gate-file API (float64 [L, K], atomic, the model's fingerprint recorded), re-exported
 from jaxkv.policies.rlkv import load_gates, save_gates
 
@@ -95,9 +95,8 @@ def mixed_extend_attention_fn(gates, sink: int, window: int, prompt_lengths, sca
     lengths = jnp.asarray(prompt_lengths, jnp.int32)
 
     def attend(alpha, q, k, v, positions, past_k, past_v):
-        b, c, h, d = q.shape
-        kh, p = past_k.shape[1], past_k.shape[2]
-        g = h // kh
+        b, c = q.shape[:2]
+        p = past_k.shape[2]
         keys = jnp.concatenate([past_k, k.transpose(0, 2, 1, 3).astype(past_k.dtype)], axis=2)
         vals = jnp.concatenate([past_v, v.transpose(0, 2, 1, 3).astype(past_v.dtype)], axis=2)
         slots = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
@@ -105,11 +104,7 @@ def mixed_extend_attention_fn(gates, sink: int, window: int, prompt_lengths, sca
         valid = jnp.concatenate([slots < lengths[:, None], jnp.ones((b, c), bool)], axis=1)
         full = streaming_mask(positions, k_pos) & valid[:, None, :]  # [B, C, P + C]
         stream = streaming_mask(positions, k_pos, window, sink) & full
-        qg = q.reshape(b, c, kh, g, d).transpose(0, 2, 3, 1, 4).astype(jnp.float32)
-        scores = jnp.einsum("bkgcd,bksd->bkgcs", qg, keys.astype(jnp.float32)) * scale
-        probs = mix_softmax(scores, full[:, None, None], stream[:, None, None], alpha)
-        out = jnp.einsum("bkgcs,bksd->bkgcd", probs, vals.astype(jnp.float32))
-        return out.transpose(0, 3, 1, 2, 4).reshape(b, c, h, d).astype(q.dtype)
+        return mixed_attention(q, keys, vals, full, stream, alpha, scale)
 
     fn = jax.checkpoint(attend) if remat else attend
 
