@@ -278,15 +278,20 @@ def _check_logits(bad) -> None:
                          "check its weights and dtype; no tokens are returned")
 
 
+def cut_after_eos(out, eos) -> List[List[int]]:
+    """Rows of generated tokens [B, N] as lists, each cut after its first EOS id (kept)."""
+    rows = []
+    for row in np.asarray(out).tolist():
+        cut = next((j + 1 for j, x in enumerate(row) if x in eos), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
 def _generation(model: Model, out: np.ndarray, caches, capacity: int, token_lists, eos,
                 check_finite: bool) -> Generation:
     """Cut each row after its first EOS, decode, and count the bytes of the caches."""
     cfg = model.config
-    new_tokens = []
-    for row in out:
-        row = row.tolist()
-        cut = next((j + 1 for j, x in enumerate(row) if x in eos), len(row))
-        new_tokens.append(row[:cut])
+    new_tokens = cut_after_eos(out, eos)
     texts = [model.decode(t) for t in new_tokens] if model.tokenizer is not None else None
     full = cfg.kv_bytes_per_token() * len(token_lists) * capacity + 4 * cfg.num_layers * len(
         token_lists)  # + int32 lengths per layer, as DenseCache holds

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxkv.checks import check_int
 from jaxkv.embedded import load_model
 from jaxkv.model.config import ModelConfig
 from jaxkv.model.decoder import Decoder
@@ -63,8 +64,7 @@ class TextMix:
     def __post_init__(self):
         from jaxkv.tasks.text import text_task
         text_task(self.name, **dict(self.settings))  # validates name and settings
-        if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length < 1:
-            raise ValueError(f"length={self.length!r}: a positive number of prompt tokens")
+        check_int("length", self.length, 1)  # prompt tokens
 
     @property
     def label(self) -> str:

@@ -64,25 +64,33 @@ def build_loss_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Seq
     sum(weights * per_token_loss) is the requested aggregation over the batch:
     token_mean: 1 / (total completion tokens); seq_mean_token_mean: 1 / (N * C_i).
     """
-    if loss_agg not in LOSS_AGGREGATIONS:
-        raise ValueError(f"loss_agg={loss_agg!r}: allowed are {', '.join(LOSS_AGGREGATIONS)}")
     n = len(prompts)
     if n == 0 or len(completions) != n:
         raise ValueError(f"prompts ({n}) and completions ({len(completions)}): equal, non-zero")
+    token_weight = _token_weights(completions, loss_agg)
     longest = max(len(p) + len(c) for p, c in zip(prompts, completions))
     t = max(-(-longest // bucket) * bucket, 2)
     tokens = np.full((n, t), pad_id, np.int32)
     weights = np.zeros((n, t - 1), np.float32)
     lengths = np.zeros(n, np.int32)
-    total = sum(len(c) for c in completions)
     for i, (p, c) in enumerate(zip(prompts, completions)):
-        if len(c) == 0:
-            raise ValueError(f"completions[{i}] is empty")
         tokens[i, :len(p) + len(c)] = list(p) + list(c)
         lengths[i] = len(p)
-        w = 1.0 / total if loss_agg == "token_mean" else 1.0 / (n * len(c))
-        weights[i, len(p) - 1:len(p) + len(c) - 1] = w
+        weights[i, len(p) - 1:len(p) + len(c) - 1] = token_weight[i]
     return tokens, lengths, weights
+
+
+def _token_weights(completions: Sequence[Sequence[int]], loss_agg: str):
+    """The loss weight of each completion's tokens, so that sum(weights * per_token_loss) is the
+    aggregation `loss_agg` over the batch: token_mean 1 / (total completion tokens),
+    seq_mean_token_mean 1 / (N * C_i). Empty completions are refused."""
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss_agg={loss_agg!r}: allowed are {', '.join(LOSS_AGGREGATIONS)}")
+    for i, c in enumerate(completions):
+        if len(c) == 0:
+            raise ValueError(f"completions[{i}] is empty")
+    n, total = len(completions), sum(len(c) for c in completions)
+    return [1.0 / total if loss_agg == "token_mean" else 1.0 / (n * len(c)) for c in completions]
 
 
 def completion_logprobs(params, gates, tokens, prompt_lengths, *, config: ModelConfig, sink: int,
@@ -101,19 +109,18 @@ def build_completion_batch(completions: Sequence[Sequence[int]], width: int, pad
     """Completions alone, for the cached-prompt loss (`cached_completion_logprobs`): tokens int32
     [N, width] (right-padded) and weights float32 [N, width], weights[i, t] > 0 iff t < len(c_i),
     valued as `build_loss_batch`'s (so the two losses are the same number)."""
-    if loss_agg not in LOSS_AGGREGATIONS:
-        raise ValueError(f"loss_agg={loss_agg!r}: allowed are {', '.join(LOSS_AGGREGATIONS)}")
     n = len(completions)
     if n == 0:
         raise ValueError("completions: give at least one")
-    tokens = np.full((n, width), pad_id, np.int32)
-    weights = np.zeros((n, width), np.float32)
-    total = sum(len(c) for c in completions)
     for i, c in enumerate(completions):
         if not 0 < len(c) <= width:
             raise ValueError(f"completions[{i}] has {len(c)} tokens; expected 1 to {width}")
+    token_weight = _token_weights(completions, loss_agg)
+    tokens = np.full((n, width), pad_id, np.int32)
+    weights = np.zeros((n, width), np.float32)
+    for i, c in enumerate(completions):
         tokens[i, :len(c)] = list(c)
-        weights[i, :len(c)] = 1.0 / total if loss_agg == "token_mean" else 1.0 / (n * len(c))
+        weights[i, :len(c)] = token_weight[i]
     return tokens, weights
 
 

@@ -331,26 +331,37 @@ class RLKVTrainer:
         gates = state["gates"]
         completions = self.rollouts(gates, items, seed)
         prompts = [it["prompt_ids"] for it in items for _ in range(cfg.group_size)]
-        rewards = np.array([self.verify(it, c) for it, c in
-                            zip([it for it in items for _ in range(cfg.group_size)], completions)],
-                           np.float32)
+        adv, r_mean, scale = self._rewards(items, completions)
         t_roll = time.time() - t0
-        adv = compute_advantages(rewards, cfg.group_size, cfg.advantage_norm)
-        r_mean = float(rewards.mean())
-        scale = adaptive_scale(r_mean, cfg.tau)
         tokens, plens, weights = build_loss_batch(prompts, completions,
                                                   self.model.config.pad_token_id, cfg.loss_agg)
         statics = (self.model.config, cfg.sink, cfg.window, float(cfg.temperature), cfg.remat)
         chunk = cfg.microbatch or len(prompts)
         chunks = [put_batch((tokens[i:i + chunk], plens[i:i + chunk], weights[i:i + chunk],
                              adv[i:i + chunk]), self.mesh) for i in range(0, len(prompts), chunk)]
-        old = [None] * len(chunks)
-        if cfg.updates_per_batch > 1:
-            logp_fn = logprob_fn(*statics)
-            old = [logp_fn(self.model.params, gates, c[0], c[1]) for c in chunks]
+        old = self._old_logps(logprob_fn(*statics), gates, chunks, 2)  # (tokens, prompt lengths)
         grad_fn = policy_grad_fn(*statics, float(cfg.eps_clip), cfg.updates_per_batch > 1)
         return self._update(state, rng, gates, chunks, old, grad_fn, scale, r_mean, completions,
                             t0, t_roll)
+
+    def _rewards(self, items: Sequence[Item], completions) -> Tuple[np.ndarray, float, float]:
+        """Rewards of the group_size completions of each item (in order) -> (advantages, mean
+        reward, the L1 penalty's adaptive scale)."""
+        cfg = self.cfg
+        per_seq = [it for it in items for _ in range(cfg.group_size)]
+        rewards = np.array([self.verify(it, c) for it, c in zip(per_seq, completions)],
+                           np.float32)
+        r_mean = float(rewards.mean())
+        return (compute_advantages(rewards, cfg.group_size, cfg.advantage_norm), r_mean,
+                adaptive_scale(r_mean, cfg.tau))
+
+    def _old_logps(self, logp_fn, gates, chunks, n_args: int):
+        """The sampling policy's log-probabilities of each loss chunk (its first n_args entries
+        are logp_fn's inputs) when the batch takes several updates; None each otherwise
+        (ratio == 1: `clipped_policy_loss` stops the gradient itself)."""
+        if self.cfg.updates_per_batch == 1:
+            return [None] * len(chunks)
+        return [logp_fn(self.model.params, gates, *c[:n_args]) for c in chunks]
 
     def _update(self, state, rng, gates, chunks, old, grad_fn, scale, r_mean, completions, t0,
                 t_roll) -> Tuple[dict, dict]:
@@ -385,7 +396,7 @@ class RLKVTrainer:
         the completions alone against its keys and values (`cached_completion_logprobs`). The
         same objective as the per-sequence path (tests/test_grpo_cached.py); the step costs one
         prompt prefill per problem instead of 2 x group_size."""
-        from jaxkv.generate import pad_batch
+        from jaxkv.generate import cut_after_eos, pad_batch
         cfg = self.cfg
         mcfg = self.model.config
         t0 = time.time()
@@ -402,17 +413,9 @@ class RLKVTrainer:
                         jnp.float32(cfg.temperature), jnp.float32(cfg.top_p))
         if bool(bad):
             raise ValueError("rollouts: the gated model's logits are not finite")
-        completions = []
-        for row in np.asarray(out).tolist():
-            cut = next((j + 1 for j, x in enumerate(row) if x in eos), len(row))
-            completions.append(row[:cut])
-        per_seq = [it for it in items for _ in range(g)]
-        rewards = np.array([self.verify(it, c) for it, c in zip(per_seq, completions)],
-                           np.float32)
+        completions = cut_after_eos(out, eos)
+        adv, r_mean, scale = self._rewards(items, completions)
         t_roll = time.time() - t0
-        adv = compute_advantages(rewards, g, cfg.advantage_norm)
-        r_mean = float(rewards.mean())
-        scale = adaptive_scale(r_mean, cfg.tau)
         ctoks, weights = build_completion_batch(completions, self.max_new_tokens,
                                                 mcfg.pad_token_id, cfg.loss_agg)
         idx = np.repeat(np.arange(len(items)), g)
@@ -425,10 +428,8 @@ class RLKVTrainer:
                            lengths[sel], jnp.asarray(ctoks[i:i + chunk]),
                            jnp.asarray(weights[i:i + chunk]), jnp.asarray(adv[i:i + chunk])))
         statics = (mcfg, cfg.sink, cfg.window, float(cfg.temperature), True)
-        old = [None] * len(chunks)
-        if cfg.updates_per_batch > 1:
-            logp_fn = cached_logprob_fn(*statics)
-            old = [logp_fn(self.model.params, gates, *c[:4]) for c in chunks]
+        # (first logits, past, prompt lengths, completions)
+        old = self._old_logps(cached_logprob_fn(*statics), gates, chunks, 4)
         grad_fn = cached_policy_grad_fn(*statics, float(cfg.eps_clip), cfg.updates_per_batch > 1)
         return self._update(state, rng, gates, chunks, old, grad_fn, scale, r_mean, completions,
                             t0, t_roll)

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from jaxkv.checks import check_int
 from train.pretrain import TaskMix
 
 Item = Dict[str, Any]  # one problem: {"source", "prompt_ids", "answer", ...}, JSON-serialisable
@@ -135,9 +136,10 @@ class TextSource:
             raise ValueError("tasks: give at least one (name, settings) pair")
         for name, settings in self.tasks:
             text_task(name, **dict(settings))  # validates name and settings
-        if not self.lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
-                                   for n in self.lengths):
-            raise ValueError(f"lengths={self.lengths!r}: give positive prompt lengths (tokens)")
+        if not self.lengths:
+            raise ValueError(f"lengths={self.lengths!r}: give at least one prompt length")
+        for i, n in enumerate(self.lengths):
+            check_int(f"lengths[{i}]", n, 1)  # prompt tokens
 
     @property
     def eos_ids(self) -> Optional[Tuple[int, ...]]:

@@ -454,10 +454,11 @@ def shipped_gate_file(method: str, model) -> Optional[str]:
     file in a folder of jaxkv/assets/ or jaxkv/assets/gates/ whose recorded fingerprint is the
     model's), or None."""
     import glob
+
+    from jaxkv.embedded import ASSETS as assets
     fp = getattr(model, "fingerprint", None)
     if fp is None:
         return None
-    assets = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
     for folder in sorted(glob.glob(os.path.join(assets, "*", ""))) + sorted(
             glob.glob(os.path.join(assets, "gates", "*", ""))):
         path = os.path.join(folder, f"gates_{method}.json")
