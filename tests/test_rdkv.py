@@ -253,6 +253,40 @@ def test_calibration_file_is_tied_to_its_model(tmp_path):
         make_policy("rdkv", 0.3, model, window=4, eps_path=str(old))
 
 
+@pytest.mark.parametrize("water", ["head", "layer"])
+def test_spans_are_kept_or_evicted_together(water):
+    """span > 1: every token of a span weighs the span's summed weight, so the allocator keeps or
+    evicts spans as units (at most the one span where a head's bytes run out is split), within
+    the same bytes as span 1."""
+    cache, obs, _ = _layer(3)
+    span = 8
+    for budget in (0.15, 0.25):
+        single, spans = RDKV(budget=budget, window=WIN, water=water), \
+            RDKV(budget=budget, window=WIN, water=water, span=span)
+        out = _compress(spans, cache, obs)
+        kept = np.asarray(out.token_bits(T)) > 0
+        w = np.asarray(spans.token_weights(cache, obs))
+        assert out.nbytes() == _compress(single, cache, obs).nbytes()
+        for b, n in enumerate(np.asarray(obs.lengths)):
+            arena_end = n - WIN  # the rest is the whole zone
+            for h in range(KH):
+                n_split = 0
+                for s0 in range(0, arena_end - span + 1, span):
+                    block = kept[b, h, s0:s0 + span]
+                    n_split += int(0 < block.sum() < span)
+                    # equal weights up to the tie-break that prefers a span's earlier tokens
+                    np.testing.assert_allclose(w[b, h, s0:s0 + span], w[b, h, s0], rtol=1e-4)
+                assert n_split <= (2 if water == "layer" else 1)
+                assert kept[b, h, :arena_end].any() and not kept[b, h, :arena_end].all()
+
+
+def test_span_one_is_the_token_allocation():
+    cache, obs, _ = _layer(4)
+    a = _compress(RDKV(budget=0.15, window=WIN), cache, obs)
+    b = _compress(RDKV(budget=0.15, window=WIN, span=1), cache, obs)
+    np.testing.assert_array_equal(np.asarray(a.arena), np.asarray(b.arena))
+
+
 def test_default_eps_is_the_published_table():
     assert RDKV().eps_table == DEFAULT_EPS
 
@@ -270,6 +304,7 @@ def test_default_eps_is_the_published_table():
     (dict(kernel=4), "kernel"),
     (dict(window=0), "window"),
     (dict(whole=-1), "whole"),
+    (dict(span=0), "span"),
     (dict(eps={"k": {2: 0.1, 4: 0.01, 8: 1e-4}, "v": {3: 0.1}}), r"\{0, 2, 4, 8, 16\}"),
     (dict(eps={"k": {2: 0.1, 4: 0.01, 8: 1e-4}, "v": {2: 0.1}}), "bits=4"),
 ])

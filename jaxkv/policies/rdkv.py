@@ -77,7 +77,7 @@ from jaxkv.policies.base import Policy, check_budget, last_positions, prompt_byt
 from jaxkv.policies.rd_alloc import (allocate_bits, allocate_pair_bits, allocate_with_costs,
                                      pair_costs, rope_pairs)
 from jaxkv.policies.registry import register_method
-from jaxkv.policies.snapkv import avg_pool, window_attention
+from jaxkv.policies.snapkv import avg_pool, span_scores, window_attention
 
 #: Llama-3.1-8B, docs/methods.md, RDKV (normalised MSE of RTN at 2 / 4 / 8 bits).
 DEFAULT_EPS = {"k": {2: 0.149, 4: 0.0062, 8: 2.2e-5}, "v": {2: 0.313, 4: 0.0140, 8: 4.9e-5}}
@@ -123,6 +123,7 @@ class RDKV(Policy):
     eps: Any = None
     whole: Optional[int] = None  # recent prompt tokens kept whole; None: `window`
     water: str = "head"
+    span: int = 1  # > 1: V weights summed over spans of this many consecutive tokens
 
     name = "rdkv"
     layer_invariant = True
@@ -133,6 +134,7 @@ class RDKV(Policy):
         object.__setattr__(self, "whole", self.window if self.whole is None
                            else check_int("whole", self.whole, 0))
         check_int("kernel", self.kernel, 1)
+        check_int("span", self.span, 1)
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel={self.kernel}: the pooling kernel must be odd")
         r = self.k_share
@@ -209,6 +211,8 @@ class RDKV(Policy):
         probs = probs * qok[:, None, None, :, None]
         mass = probs.sum(axis=(2, 3)) / (g * jnp.maximum(seen, 1.0))[:, None, :]
         pooled = avg_pool(mass, self.kernel)
+        if self.span > 1:  # every token of a span weighs what the span weighs: kept together
+            pooled = jnp.maximum(span_scores(pooled, self.span), 0.0)
         n_whole = jnp.minimum(self.whole, obs.lengths)
         candidate = pos[:, 0] < (obs.lengths - n_whole)[:, None]  # [B, T]
         return jnp.where(candidate[:, None, :], pooled, 0.0)
@@ -442,13 +446,15 @@ def calibrate_command(model) -> str:
 @register_method("rdkv")
 def _rdkv(budget: float, model, window: int = 32, kernel: int = 5, k_share: float = 0.5,
           bit_widths: Sequence[int] = quant.BIT_WIDTHS, eps: Optional[Mapping] = None,
-          eps_path: Optional[str] = None, whole: Optional[int] = None, water: str = "head"):
+          eps_path: Optional[str] = None, whole: Optional[int] = None, water: str = "head",
+          span: int = 1):
     """RDKV at `budget` of each layer's dense prompt cache bytes. eps: a table, or "default" for
     the published Llama-3.1-8B one (DEFAULT_EPS); eps_path: a file from save_calibration for this
     model; neither: this model's calibration (`find_calibration`), and a ValueError naming the
     calibrate command when it has none. whole: recent prompt tokens kept whole (None: window);
     k_share: share of the arena bytes for K; water: "head" or "layer" (one water level across a
-    layer's heads)."""
+    layer's heads); span: V weights summed over spans of that many consecutive tokens, so a span
+    is kept or evicted as one (`RDKV.span`)."""
     if window > model.config.max_position_embeddings:
         raise ValueError(f"window={window}: larger than the model's context "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
@@ -469,7 +475,7 @@ def _rdkv(budget: float, model, window: int = 32, kernel: int = 5, k_share: floa
     if eps_path is not None:
         eps = load_calibration(eps_path, model)
     return RDKV(budget=budget, window=window, kernel=kernel, k_share=k_share,
-                bit_widths=tuple(bit_widths), eps=eps, whole=whole, water=water)
+                bit_widths=tuple(bit_widths), eps=eps, whole=whole, water=water, span=span)
 
 
 __all__ = ["RDKV", "DEFAULT_EPS", "calibrate_model", "save_calibration", "load_calibration",
