@@ -80,6 +80,33 @@ def test_first_step_by_hand(model_dir):
     assert metrics["mse"] > 0  # now the streaming branch shows
 
 
+@pytest.mark.parametrize("micro", [1, 2])
+def test_microbatches_give_the_batch_step(model_dir, micro):
+    """Passes of `microbatch` sequences, summed, are the whole batch's loss and gradient: the
+    same metrics and the same gates after two steps (the second with gates below 1, MSE > 0)."""
+    cfg = _test_config(model_dir)
+    model = load_model(model_dir)
+    opt = make_gate_optimizer(cfg.learning_rate, cfg.weight_decay, cfg.betas, cfg.grad_clip)
+    runs = []
+    for c in (cfg, cfg.replace(microbatch=micro)):
+        state = {"gates": jnp.ones((2, 2)), "opt_state": opt.init(jnp.ones((2, 2))),
+                 "step": np.array(0, np.int64)}
+        for step in range(2):
+            state, metrics = duo_step(c, model, state, *batch_for_step(c, step))
+        runs.append((np.asarray(state["gates"]), metrics))
+    (g_full, m_full), (g_micro, m_micro) = runs
+    assert m_full["mse"] > 0
+    np.testing.assert_allclose(g_micro, g_full, atol=1e-6)
+    assert m_micro["mse"] == pytest.approx(m_full["mse"], rel=1e-5)
+    assert m_micro["grad_norm"] == pytest.approx(m_full["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("micro", [0, 3, True])
+def test_bad_microbatch(model_dir, micro):
+    with pytest.raises(ValueError, match="microbatch"):
+        _test_config(model_dir).replace(microbatch=micro)
+
+
 def test_smoke_two_steps_through_main(tmp_path, model_dir):
     cfg_file = tmp_path / "duo_test.py"
     cfg_file.write_text(textwrap.dedent(f"""

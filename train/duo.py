@@ -93,6 +93,7 @@ class DuoConfig:
     steps: int = 2000
     gate_init: float = 1.0
     remat: bool = False  # recompute each layer's attention in the backward pass (long prompts)
+    microbatch: Optional[int] = None  # sequences per gradient pass (None: the whole batch)
     data_parallel: int = 1
     seed: int = 0
     checkpoint_every: int = 50
@@ -122,6 +123,14 @@ class DuoConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}={v!r}: must be an integer >= 0")
+        if self.microbatch is not None:
+            m = self.microbatch
+            if isinstance(m, bool) or not isinstance(m, int) or m < 1 or self.batch_size % m:
+                raise ValueError(f"microbatch={m!r}: a positive divisor of batch_size="
+                                 f"{self.batch_size} (or None for one pass over the batch)")
+            if self.data_parallel > 1 and m % self.data_parallel:
+                raise ValueError(f"microbatch={m}: must be a multiple of data_parallel="
+                                 f"{self.data_parallel}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate={self.learning_rate}: must be > 0")
         if self.reg < 0 or self.weight_decay < 0:
@@ -189,9 +198,11 @@ def _text_batch(cfg: DuoConfig, step: int, picks, model):
     return tokens, answer
 
 
-def distill_loss(gates, params, tokens, answer_mask, *, config: ModelConfig, sink: int,
-                 window: int, remat: bool = False):
-    """MSE of the final hidden states (mixed vs stop_gradient(full)) at the answer positions."""
+def distill_loss(gates, params, tokens, answer_mask, denom=None, *, config: ModelConfig,
+                 sink: int, window: int, remat: bool = False):
+    """MSE of the final hidden states (mixed vs stop_gradient(full)) at the answer positions:
+    the squared errors summed over them, divided by `denom` (default: their number here; give
+    the whole batch's when the batch is summed over several passes)."""
     module = Decoder(config)
     _, h_full = module.apply({"params": params}, tokens, return_hidden=True,
                              method=Decoder.forward)
@@ -200,7 +211,9 @@ def distill_loss(gates, params, tokens, answer_mask, *, config: ModelConfig, sin
                             attention_fn=mixed_attention_fn(gates, sink, window, remat=remat),
                             return_hidden=True, method=Decoder.forward)
     err = jnp.mean(jnp.square(h_mix.astype(jnp.float32) - h_full), axis=-1)  # [B, T]
-    return jnp.sum(err * answer_mask) / jnp.maximum(jnp.sum(answer_mask), 1.0)
+    if denom is None:
+        denom = jnp.maximum(jnp.sum(answer_mask), 1.0)
+    return jnp.sum(err * answer_mask) / denom
 
 
 @functools.lru_cache(maxsize=8)
@@ -217,8 +230,15 @@ def duo_step(cfg: DuoConfig, model, state: dict, tokens, answer_mask, mesh=None)
                            tuple(float(b) for b in cfg.betas),
                            None if cfg.grad_clip is None else float(cfg.grad_clip),
                            float(cfg.reg))
-    tokens, answer_mask = put_batch((tokens, answer_mask), mesh)
-    mse, grads = grad_fn(state["gates"], model.params, tokens, answer_mask)
+    # passes of `microbatch` sequences, their losses and gradients summed: the whole batch's
+    # (each pass divides by the whole batch's answer positions); one pass holds less memory
+    m = cfg.microbatch or len(tokens)
+    denom = jnp.float32(max(float(np.sum(answer_mask)), 1.0))
+    mse, grads = 0.0, None
+    for i in range(0, len(tokens), m):
+        chunk = put_batch((tokens[i:i + m], answer_mask[i:i + m]), mesh)
+        value, g = grad_fn(state["gates"], model.params, *chunk, denom)
+        mse, grads = mse + value, g if grads is None else grads + g
     gates, opt_state, penalty, gnorm = apply(state["gates"], state["opt_state"], grads,
                                              jnp.float32(1.0))
     new_state = {**state, "gates": gates, "opt_state": opt_state,

@@ -12,7 +12,10 @@ Python's documentation, made with the model's tokenizer at the 1K tokens RLKV tr
 prompts (the model finds passkeys at 1K-2K with its full cache).
 
 Scaled for two CPU cores: sink 16 + window 64 (RLKV's here), batches of 4 sequences, 120 steps,
-attention recomputed in the backward pass (remat) so a 1K-token batch fits in memory.
+gradients in passes of one sequence (`microbatch=1`, summed: the batch's gradient). XLA:CPU's
+compiled gradient holds every layer's T x T attention at once, remat or not (memory_analysis of
+one 1,088-token sequence: 7.4 GB of temporaries, against 0.28 GB for the forward alone), so a pass
+of all 4 sequences asked for a 29.8 GB buffer and failed on a 24 GB machine.
 """
 from train.duo import DuoConfig, TextMix
 
@@ -37,6 +40,7 @@ CONFIG = DuoConfig(
     steps=120,
     gate_init=1.0,
     remat=True,
+    microbatch=1,  # 7.4 GB a pass at 1,088 tokens
     data_parallel=1,
     seed=0,
     checkpoint_every=4,
