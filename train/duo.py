@@ -92,7 +92,7 @@ class DuoConfig:
     grad_clip: Optional[float] = None
     steps: int = 2000
     gate_init: float = 1.0
-    remat: bool = False  # recompute each layer's attention in the backward pass (long prompts)
+    remat: bool = False  # jax.checkpoint each layer's attention (no saving on XLA:CPU)
     microbatch: Optional[int] = None  # sequences per gradient pass (None: the whole batch)
     data_parallel: int = 1
     seed: int = 0
