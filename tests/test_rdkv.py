@@ -280,11 +280,18 @@ def test_spans_are_kept_or_evicted_together(water):
                 assert kept[b, h, :arena_end].any() and not kept[b, h, :arena_end].all()
 
 
-def test_span_one_is_the_token_allocation():
+def test_default_span_sums_the_per_token_weights():
+    """span=1 is the recipe's per-token weighting (pooled attention); the default, span 5, gives
+    every token its span's sum of those weights."""
     cache, obs, _ = _layer(4)
-    a = _compress(RDKV(budget=0.15, window=WIN), cache, obs)
-    b = _compress(RDKV(budget=0.15, window=WIN, span=1), cache, obs)
-    np.testing.assert_array_equal(np.asarray(a.arena), np.asarray(b.arena))
+    assert RDKV().span == 5
+    w1 = np.asarray(RDKV(budget=0.15, window=WIN, span=1).token_weights(cache, obs))
+    w5 = np.asarray(RDKV(budget=0.15, window=WIN).token_weights(cache, obs))
+    assert not np.allclose(w1[..., 0], w1[..., 1])  # per token: neighbours differ
+    for s0 in range(0, 50, 5):  # inside the arena candidates of both sequences
+        want = w1[..., s0:s0 + 5].sum(-1, keepdims=True)
+        np.testing.assert_allclose(w5[..., s0:s0 + 5], np.broadcast_to(want, w5[..., :5].shape),
+                                   rtol=1e-4)
 
 
 def test_default_eps_is_the_published_table():

@@ -9,7 +9,12 @@ Per layer, right after prefill (`compress_layer`, so only one layer's dense cach
    what fits a budget of a token or two, e.g. 1% of a 224-token prompt).
 2. V token weights: w_t = attention the last `window` prompt queries (all G query heads of the
    KV head; fewer when the prompt is shorter) pay to token t, divided by G times the number of
-   those queries that can see t, then 1-D average-pooled with `kernel` (as SnapKV pools).
+   those queries that can see t, then 1-D average-pooled with `kernel` (as SnapKV pools), then
+   summed over spans of `span` consecutive positions (default 5; `span_scores`), every token of
+   a span weighing the span, so spans are kept or evicted whole and a number's digits stay
+   together. Per-token weights (`span=1`, the recipe) keep a few digits of a passkey per head,
+   and the model writes the first ones and stops (SmolLM2, passkey at 2K and 4K, 10% of the
+   bytes: 0 of 8 prompts at span 1, 8 of 8 at span 5).
 3. Tokens (V): every other prompt token gets a V width b_t in `bit_widths` (default {0, 2, 4, 8,
    16}; 0 evicts the token, K and V) minimising sum_t w_t eps_V(b_t) with its V records within
    (1 - k_share) of the bytes, by the Lagrangian bisection of
@@ -123,7 +128,7 @@ class RDKV(Policy):
     eps: Any = None
     whole: Optional[int] = None  # recent prompt tokens kept whole; None: `window`
     water: str = "head"
-    span: int = 1  # > 1: V weights summed over spans of this many consecutive tokens
+    span: int = 5  # V weights summed over spans of this many consecutive tokens (1: per token)
 
     name = "rdkv"
     layer_invariant = True
@@ -447,14 +452,14 @@ def calibrate_command(model) -> str:
 def _rdkv(budget: float, model, window: int = 32, kernel: int = 5, k_share: float = 0.5,
           bit_widths: Sequence[int] = quant.BIT_WIDTHS, eps: Optional[Mapping] = None,
           eps_path: Optional[str] = None, whole: Optional[int] = None, water: str = "head",
-          span: int = 1):
+          span: int = 5):
     """RDKV at `budget` of each layer's dense prompt cache bytes. eps: a table, or "default" for
     the published Llama-3.1-8B one (DEFAULT_EPS); eps_path: a file from save_calibration for this
     model; neither: this model's calibration (`find_calibration`), and a ValueError naming the
     calibrate command when it has none. whole: recent prompt tokens kept whole (None: window);
     k_share: share of the arena bytes for K; water: "head" or "layer" (one water level across a
     layer's heads); span: V weights summed over spans of that many consecutive tokens, so a span
-    is kept or evicted as one (`RDKV.span`)."""
+    is kept or evicted as one (`RDKV.span`; 1: the recipe's per-token weights)."""
     if window > model.config.max_position_embeddings:
         raise ValueError(f"window={window}: larger than the model's context "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
