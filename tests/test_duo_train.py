@@ -101,6 +101,19 @@ def test_microbatches_give_the_batch_step(model_dir, micro):
     assert m_micro["grad_norm"] == pytest.approx(m_full["grad_norm"], rel=1e-4)
 
 
+def test_gate_heat_map_panels_and_errors(tmp_path):
+    from train.gate_run import plot_gates
+    g = np.linspace(0, 1, 12).reshape(4, 3)
+    path = plot_gates([("a", g), ("b", 1 - g)], str(tmp_path / "h.png"), sparsity=0.25)
+    assert open(path, "rb").read(4) == b"\x89PNG"
+    assert not os.path.exists(path + ".tmp.png")
+    plot_gates([("a", g)], str(tmp_path / "n.png"), sparsity=None)
+    with pytest.raises(ValueError, match="panels"):
+        plot_gates([], str(tmp_path / "e.png"))
+    with pytest.raises(ValueError, match="gates"):
+        plot_gates([("bad", g + 1)], str(tmp_path / "e.png"))
+
+
 @pytest.mark.parametrize("micro", [0, 3, True])
 def test_bad_microbatch(model_dir, micro):
     with pytest.raises(ValueError, match="microbatch"):
@@ -120,6 +133,7 @@ def test_smoke_two_steps_through_main(tmp_path, model_dir):
     g = np.array(payload["gates"])
     assert (payload["layers"], payload["kv_heads"]) == (2, 2)
     assert (g >= 0).all() and (g <= 1).all() and g.max() < 1.0
+    assert open(out / "gates.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"  # the heat map
     log = [json.loads(x) for x in open(out / "train_log.jsonl")]
     assert [r["step"] for r in log] == [1, 2]
     assert all(np.isfinite(r["mse"]) and 0 <= r["sparsity"] <= 1 for r in log)
