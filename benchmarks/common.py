@@ -1,6 +1,7 @@
 """Shared by the decode benchmarks: timing, a random Llama-style config, a jitted decode loop."""
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 
@@ -8,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxkv.model import ModelConfig
-from jaxkv.model.decoder import Decoder
+from jaxkv.model.decoder import Decoder, init_params
 
 
 def timed(fn, repeats: int) -> float:
@@ -40,6 +41,35 @@ def bench_config(args, context: int) -> ModelConfig:
                        num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
                        head_dim=args.head_dim, max_position_embeddings=context + 1024,
                        architecture="LlamaForCausalLM", dtype=args.dtype)
+
+
+def add_real_model_arg(ap) -> None:
+    """--model: a real model (name or path `jaxkv.load` takes) instead of random weights."""
+    ap.add_argument("--model", default=None,
+                    help="a real model (name or path): its weights and config, not random ones")
+
+
+def load_real_model(args):
+    """The model --model names, in --dtype, with args.layers set to its depth; None without
+    --model."""
+    if args.model is None:
+        return None
+    import jaxkv
+    model = jaxkv.load(args.model, dtype=args.dtype)
+    args.layers = model.config.num_layers
+    return model
+
+
+def config_and_params(args, model, context: int, extra: int):
+    """(config, params) for `context` prompt tokens and `extra` decode slots: --model's (its
+    position limit raised to fit, for timing past it) or a random model from the shape
+    arguments."""
+    if model is None:
+        cfg = bench_config(args, context)
+        return cfg, init_params(cfg, 0)
+    cfg = dataclasses.replace(model.config, max_position_embeddings=max(
+        model.config.max_position_embeddings, context + extra))
+    return cfg, model.params
 
 
 def decode_time(cfg, params, caches, steps: int, repeats: int, start: int = 0) -> float:

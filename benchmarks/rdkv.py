@@ -4,8 +4,12 @@ over the mixed-precision cache against the dense cache.
   python benchmarks/rdkv.py                                 # context 8192, budgets 0.05 0.1
   python benchmarks/rdkv.py --context 16384 --budgets 0.025 0.05 0.25 --dtype bfloat16
   python benchmarks/rdkv.py --memory-layers               # skip the compile-only depth sweep
+  python benchmarks/rdkv.py --model smollm2-135m-instruct --dtype bfloat16 --context 8192 \
+      --memory-layers                                     # the real model, its own table
 
-Model: random Llama-style weights (benchmarks/common.py). Memory: XLA's own accounting of the
+Model: random Llama-style weights (benchmarks/common.py), or --model's weights (a name or path;
+RDKV then uses the model's calibrated table when it has one, the published default otherwise;
+the position limit is raised past the model's for timing at its limit and beyond). Memory: XLA's own accounting of the
 compiled prefill (`compiled.memory_analysis()`: arguments excluded; outputs = the caches of every
 layer plus logits; temp = the peak of intermediate buffers) with no policy (dense caches of all
 layers are outputs) and with RDKV compressing each layer as soon as it is done. Decode: the
@@ -24,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import add_model_args, bench_config, decode_time  # benchmarks/common.py
+from common import (add_model_args, add_real_model_arg,  # benchmarks/common.py
+                    config_and_params, decode_time, load_real_model)
 from jaxkv.cache import cache_nbytes
 from jaxkv.model.decoder import Decoder, init_params
 from jaxkv.policies.rdkv import RDKV
@@ -56,11 +61,17 @@ def main(argv=None):
     ap.add_argument("--memory-layers", type=int, nargs="*", default=[4, 16, 32],
                     help="also compile (not run) prefill at these depths and report its peak")
     add_model_args(ap)
+    add_real_model_arg(ap)
     ap.add_argument("--out", default="runs/rdkv_bench.json")
     args = ap.parse_args(argv)
     t = args.context
-    cfg = bench_config(args, t)
-    params = init_params(cfg, 0)
+    model = load_real_model(args)
+    cfg, params = config_and_params(args, model, t, args.steps)
+    eps = None
+    if model is not None:
+        from jaxkv.policies.rdkv import find_calibration, load_calibration
+        path = find_calibration(model)
+        eps = load_calibration(path, model) if path else None
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(1, t)), jnp.int32)
     lengths = jnp.asarray([t], jnp.int32)
@@ -72,7 +83,7 @@ def main(argv=None):
     dense_bytes = cache_nbytes(dense_caches)
     del dense_caches
     for b in args.budgets:
-        policy = RDKV(budget=b, window=args.window)
+        policy = RDKV(budget=b, window=args.window, eps=eps)
         fn = prefill_fn(cfg, t, args.steps, policy)
         mem = memory(fn, params, tokens, lengths)
         _, caches = fn(params, tokens, lengths)
@@ -88,17 +99,18 @@ def main(argv=None):
         row = dict(layers=n_layers, dense=memory(prefill_fn(dcfg, t, args.steps, None), shapes,
                                                  tokens, lengths))
         for b in args.budgets:
-            pol = RDKV(budget=b, window=args.window)
+            pol = RDKV(budget=b, window=args.window, eps=eps)
             row[f"rdkv_{b}"] = memory(prefill_fn(dcfg, t, args.steps, pol), shapes, tokens,
                                       lengths)
         depth.append(row)
     result = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
-              "args": vars(args), "rows": rows, "peak_by_depth": depth}
+              "model": args.model or "random weights", "args": vars(args), "rows": rows, "peak_by_depth": depth}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     mb = lambda x: f"{x / 2**20:.1f}"
-    print(f"RDKV at {t} tokens, {args.layers} layers, {args.dtype}, on {result['platform']}")
+    print(f"RDKV at {t} tokens, {result['model']}, {args.layers} layers, {args.dtype}, "
+          f"on {result['platform']}")
     if dense_mem:
         print(f"dense prefill: peak {mb(dense_mem['peak_bytes'])} MiB "
               f"(outputs {mb(dense_mem['output_bytes'])}, temp {mb(dense_mem['temp_bytes'])})")

@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import add_model_args, bench_config, decode_time  # benchmarks/common.py
+from common import (add_model_args, add_real_model_arg,  # benchmarks/common.py
+                    config_and_params, decode_time, load_real_model)
 from jaxkv.cache import DenseCache
 from jaxkv.cache.headsplit import HeadSplitCache
-from jaxkv.model.decoder import init_params
 from jaxkv.policies.rlkv import random_gates, select_heads
 
 
@@ -56,33 +56,21 @@ def main(argv=None):
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--window", type=int, default=64)
     add_model_args(ap)
-    ap.add_argument("--model", default=None,
-                    help="a real model (name or path): its weights and config, not random ones")
+    add_real_model_arg(ap)
     ap.add_argument("--gates", default=None,
                     help="gate file of --model choosing the streaming heads (default: random)")
     ap.add_argument("--out", default="runs/rlkv_decode.json")
     args = ap.parse_args(argv)
     if args.gates is not None and args.model is None:
         ap.error("--gates needs --model (gate files belong to one model)")
-    model = gates = None
-    if args.model is not None:
-        import dataclasses
-
-        import jaxkv
+    model = load_real_model(args)
+    gates = None
+    if args.gates is not None:
         from jaxkv.policies.rlkv import load_gates
-        model = jaxkv.load(args.model, dtype=args.dtype)
-        if args.gates is not None:
-            gates = load_gates(args.gates, model)
-        args.layers = model.config.num_layers
+        gates = load_gates(args.gates, model)
     rows = []
     for context in args.contexts:
-        if model is None:
-            cfg = bench_config(args, context)
-            params = init_params(cfg, 0)
-        else:
-            cfg = dataclasses.replace(model.config, max_position_embeddings=max(
-                model.config.max_position_embeddings, context + args.steps))
-            params = model.params
+        cfg, params = config_and_params(args, model, context, args.steps)
         for s in args.sparsity:
             dense, split = caches(cfg, context, s, args.sink, args.window, args.steps, 0, gates)
             td = decode_time(cfg, params, dense, args.steps, args.repeats, context)
