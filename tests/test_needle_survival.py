@@ -69,10 +69,13 @@ def smol_tokenizer():
     return jaxkv.load_tokenizer("smollm2-135m-instruct")
 
 
-@pytest.mark.parametrize("task", ["passkey", "niah_multivalue", "vt", "cwe"])
-def test_answer_token_spans_decode_to_the_answers(smol_tokenizer, task):
+@pytest.mark.parametrize("task, chat", [("passkey", False), ("niah_multivalue", False),
+                                        ("vt", False), ("cwe", False), ("passkey", True),
+                                        ("copy_list", True)])
+def test_answer_token_spans_decode_to_the_answers(smol_tokenizer, task, chat):
+    """Also in the chat template, whose markers (<|im_start|> ...) are special tokens."""
     settings = {"num_fewshot": 0} if task == "cwe" else {}
-    ex = make_text_examples(task, smol_tokenizer, 600, 1, 3, **settings)[0]
+    ex = make_text_examples(task, smol_tokenizer, 600, 1, 3, chat=chat, **settings)[0]
     spans = answer_token_spans(ex, smol_tokenizer)
     assert len(spans) == len(ex.answers)
     if task == "cwe":  # aggregation: no needle

@@ -1159,18 +1159,26 @@ def answer_token_spans(example: TextExample, tokenizer) -> list[list[tuple[int, 
     ``example.prompt_text`` (every occurrence: the passkey is written twice, a variable of the
     chain on both sides of an assignment). Empty lists for the aggregation tasks, whose answers
     are words spread over the whole prompt rather than a needle. Needs ``tokenizer.decode``
-    to give back ``prompt_text`` from ``prompt_ids`` (true of the tokenizers jaxkv loads)."""
+    to give back ``prompt_text`` from ``prompt_ids``, special tokens kept (a chat prompt's
+    ``<|im_start|>`` ...; true of the tokenizers jaxkv loads)."""
     if example.family == "aggregation":
         return [[] for _ in example.answers]
     ids, text = list(example.prompt_ids), example.prompt_text
-    if tokenizer.decode(ids) != text:
+
+    def decode(part):  # special tokens written out: the chat template's markers are text
+        try:
+            return tokenizer.decode(part, skip_special_tokens=False)
+        except TypeError:  # a tokenizer without the keyword
+            return tokenizer.decode(part)
+
+    if decode(ids) != text:
         raise ValueError("answer_token_spans: tokenizer.decode(prompt_ids) differs from "
                          "prompt_text; character offsets cannot be mapped to tokens")
     cache: dict[int, int] = {0: 0, len(ids): len(text)}
 
     def chars(i: int) -> int:  # characters decoded from the first i tokens (nondecreasing in i)
         if i not in cache:
-            cache[i] = len(tokenizer.decode(ids[:i]))
+            cache[i] = len(decode(ids[:i]))
         return cache[i]
 
     def first_token_reaching(c: int) -> int:  # smallest i with chars(i) >= c
