@@ -1166,10 +1166,7 @@ def answer_token_spans(example: TextExample, tokenizer) -> list[list[tuple[int, 
     ids, text = list(example.prompt_ids), example.prompt_text
 
     def decode(part):  # special tokens written out: the chat template's markers are text
-        try:
-            return tokenizer.decode(part, skip_special_tokens=False)
-        except TypeError:  # a tokenizer without the keyword
-            return tokenizer.decode(part)
+        return tokenizer.decode(part, skip_special_tokens=False)
 
     if decode(ids) != text:
         raise ValueError("answer_token_spans: tokenizer.decode(prompt_ids) differs from "
