@@ -155,3 +155,25 @@ def test_resume_continues_the_same_trajectory(tmp_path, model_dir):
     log_a = [json.loads(x) for x in open(tmp_path / "a" / "train_log.jsonl")]
     log_b = [json.loads(x) for x in open(tmp_path / "b" / "train_log.jsonl")]
     assert [(r["step"], r["mse"]) for r in log_a] == [(r["step"], r["mse"]) for r in log_b]
+
+
+def test_plots_leave_pyplot_backend_alone(tmp_path):
+    """The gate heat map and the harness's accuracy plot draw on their own Agg canvas: a notebook's
+    pyplot backend (inline) is the same after them, so its later plt.show() still shows."""
+    import matplotlib
+
+    from jaxkv.eval.report import plot_accuracy_vs_budget
+    from train.gate_run import plot_gates
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        plot_gates([("a", np.linspace(0, 1, 12).reshape(4, 3))], str(tmp_path / "h.png"))
+        rec = dict(task="passkey", length=256, method="full", budget=1.0, measured_budget=1.0,
+                   accuracy=1.0, ci_low=0.5, ci_high=1.0)
+        plot_accuracy_vs_budget([rec, dict(rec, method="streaming", budget=0.25,
+                                           measured_budget=0.25, accuracy=0.5)],
+                                str(tmp_path / "p.png"))
+        assert matplotlib.get_backend() == "svg"
+        assert open(tmp_path / "p.png", "rb").read(4) == b"\x89PNG"
+    finally:
+        matplotlib.use(before)

@@ -30,9 +30,10 @@ def plot_gates(panels: Sequence[Tuple[str, np.ndarray]], path: str,
     """Heat maps of gate arrays [layers, kv_heads], one panel per (title, gates), side by side on
     one colour scale [0, 1]; with `sparsity`, the heads that stream at it (RLKV's global rank
     selection, `select_heads`) are marked with a dot. Written atomically to `path` (PNG)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure on the Agg canvas, not pyplot: no global backend switch (in a notebook, pyplot's
+    # inline figures keep working after this call)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from jaxkv.policies.rlkv import check_gates, select_heads
 
@@ -41,8 +42,10 @@ def plot_gates(panels: Sequence[Tuple[str, np.ndarray]], path: str,
     arrays = [(title, np.asarray(check_gates(g), np.float64)) for title, g in panels]
     layers = max(a.shape[0] for _, a in arrays)
     heads = sum(a.shape[1] for _, a in arrays)
-    fig, axes = plt.subplots(len(arrays), 1, squeeze=False, constrained_layout=True,
-                             figsize=(2.0 + 0.22 * layers, 1.2 * len(arrays) + 0.25 * heads))
+    fig = Figure(figsize=(2.0 + 0.22 * layers, 1.2 * len(arrays) + 0.25 * heads),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(arrays), 1, squeeze=False)
     im = None
     for ax, (title, g) in zip(axes[:, 0], arrays):  # layers along x, KV heads along y
         im = ax.imshow(g.T, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto",
@@ -63,7 +66,6 @@ def plot_gates(panels: Sequence[Tuple[str, np.ndarray]], path: str,
         fig.suptitle(f"dots: heads streaming at sparsity {sparsity:g}", fontsize=8)
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     os.replace(tmp, path)
     return path
 

@@ -77,9 +77,10 @@ def write_json(obj, path: str) -> None:
 def plot_accuracy_vs_budget(records: Sequence[Mapping[str, Any]], path: str) -> None:
     """One subplot per task: accuracy vs measured budget per method with 95% CI error bars;
     the full cache is a dashed horizontal line (its CI a light band)."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed; a no-op when Agg is already in use
-    import matplotlib.pyplot as plt
+    # a Figure on the Agg canvas, not pyplot: no display needed, and no global backend switch
+    # (a notebook's inline pyplot figures keep working after an evaluation)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     panel = lambda r: (r["task"], r.get("length"))  # one panel per task and prompt length
     task_names = list(dict.fromkeys(panel(r) for r in records))
@@ -87,7 +88,9 @@ def plot_accuracy_vs_budget(records: Sequence[Mapping[str, Any]], path: str) -> 
     colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     ncols = min(3, max(1, len(task_names)))
     nrows = max(1, -(-len(task_names) // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.4 * nrows), squeeze=False)
+    fig = Figure(figsize=(4.5 * ncols, 3.4 * nrows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.ravel()[len(task_names):]:
         ax.set_visible(False)
     for ax, task_name in zip(axes.ravel(), task_names):
@@ -128,7 +131,6 @@ def plot_accuracy_vs_budget(records: Sequence[Mapping[str, Any]], path: str) -> 
         fig.savefig(tmp, dpi=120, format="png")
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         if os.path.exists(tmp):
             os.remove(tmp)
 
