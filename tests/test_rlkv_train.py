@@ -180,6 +180,25 @@ def test_smoke_two_steps_through_main(tmp_path, model_dir):
     assert os.path.isdir(out / "checkpoints" / "2")
 
 
+def test_steps_flag_extends_a_finished_run(tmp_path, model_dir):
+    cfg_file = tmp_path / "rlkv_test.py"
+    cfg_file.write_text(textwrap.dedent(f"""
+        from tests.test_rlkv_train import _test_config
+        CONFIG = _test_config({model_dir!r})
+    """))
+    out = tmp_path / "run"
+    base = ["rlkv", "--config", str(cfg_file), "--out", str(out), "--no-progress"]
+    assert main(base + ["--steps", "1"]) == 0
+    assert json.load(open(out / "report.json"))["steps"] == 1
+    assert main(base + ["--steps", "3"]) == 0  # resumes at step 1, goes on to 3
+    log = [json.loads(line) for line in open(out / "train_log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    report = json.load(open(out / "report.json"))
+    assert report["steps"] == 3 and report["total_steps"] == 3
+    with pytest.raises(ValueError, match="steps=0"):
+        main(base + ["--steps", "0"])
+
+
 def test_resume_continues_the_same_trajectory(tmp_path, model_dir):
     cfg = _test_config(model_dir)
     model = load_model(model_dir)

@@ -68,6 +68,9 @@ def main(argv=None) -> int:
         g.add_argument("--config", default=default)
         g.add_argument("--out", required=True, help="run folder: checkpoints/, logs, gates.json")
         g.add_argument("--max-steps", type=int, default=None, help="stop early at this step")
+        g.add_argument("--steps", type=int, default=None,
+                       help="override the config's total steps (a finished run given more "
+                            "steps resumes from its last checkpoint and goes on)")
         g.add_argument("--model", default=None,
                        help="override the config's model (local HF-style folder or 'embedded')")
         g.add_argument("--no-progress", action="store_true")
@@ -124,6 +127,8 @@ def main(argv=None) -> int:
         cfg = load_config(args.config)
         if args.model is not None:
             cfg = cfg.replace(model=args.model)
+        if args.steps is not None:
+            cfg = cfg.replace(steps=args.steps)  # validated by the config (a positive integer)
         if args.command == "rlkv":
             from train.rlkv import train_rlkv
             train_rlkv(cfg, args.out, max_steps=args.max_steps, progress=not args.no_progress)
