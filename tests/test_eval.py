@@ -228,6 +228,13 @@ def test_wilson_interval_hand_checked():
     assert ev.wilson_interval(0, 0) == (0.0, 1.0)
     with pytest.raises(ValueError):
         ev.wilson_interval(3, 2)
+    # the interval holds the estimate exactly: all-correct reaches 1.0, none-correct 0.0
+    # (rounding once gave 0.9999999999999999 for 10 of 10)
+    for n in range(1, 200):
+        for k in (0, n, n // 3, n / 2):
+            lo, hi = ev.wilson_interval(k, n)
+            assert lo <= k / n <= hi
+        assert ev.wilson_interval(n, n)[1] == 1.0 and ev.wilson_interval(0, n)[0] == 0.0
 
 
 def test_paired_bootstrap():

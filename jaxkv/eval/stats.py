@@ -21,7 +21,9 @@ def wilson_interval(k: float, n: int, z: float = _Z95) -> Tuple[float, float]:
     denom = 1.0 + z2 / n
     center = (p + z2 / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1.0 - p) / n + z2 / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
+    # the interval contains p; rounding could leave it just outside (10 of 10 gave an upper end of
+    # 0.9999999999999999, a negative error bar in a plot)
+    return min(p, max(0.0, center - half)), max(p, min(1.0, center + half))
 
 
 def paired_bootstrap(correct_a: Sequence[float], correct_b: Sequence[float], n_boot: int = 10000,
