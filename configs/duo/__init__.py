@@ -1,0 +1,1 @@
+"""DuoAttention run configurations (python -m train duo --config configs/duo/NAME.py)."""

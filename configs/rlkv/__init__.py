@@ -1,0 +1,1 @@
+"""RLKV run configurations (python -m train rlkv --config configs/rlkv/NAME.py)."""
