@@ -300,6 +300,8 @@ def test_registry(model, oracle):
     ({"n_samples": 0}, "n_samples"),
     ({"batch_size": -1}, "batch_size"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"methods_per_prefill": 0}, "methods_per_prefill=0"),
+    ({"methods_per_prefill": True}, "methods_per_prefill=True"),
     ({"method_settings": {"snapkv": {}}}, "method_settings"),
     ({"pairs": (("full", "snapkv"),)}, "pairs\\[0\\]"),
     ({"model": ""}, "model=''"),
@@ -351,6 +353,48 @@ def test_equal_policies_share_one_decoding(model, tmp_path, monkeypatch):
     assert (low["budget"], high["budget"]) == (0.1, 0.25)
     same = lambda r: {k: v for k, v in r.items() if k not in ("budget", "seconds")}
     assert same(low) == same(high)
+
+
+def test_method_groups_give_the_same_records_with_one_prefill_per_group(model, tmp_path,
+                                                                         monkeypatch):
+    """methods_per_prefill=2: the five jobs run in groups of two (one prefill per group and
+    batch, each group through every batch), the compiled programs are released between groups,
+    and every record equals the one-prefill run's; the grouping is not part of the resume key."""
+    kw = dict(methods=("full", "streaming", "snapkv[window=4]"), budgets=(0.5, 0.8),
+              tasks=("running_sum",), n_samples=4, batch_size=2, seed=3,
+              task_settings={"running_sum": TASK_SETTINGS["running_sum"]})
+    calls = _count_generate(monkeypatch)
+    one = ev.evaluate(model, ev.EvalConfig(**kw), progress=False)
+    assert calls == [5, 5]  # two batches, all five jobs in each
+    gen_mod = _generate_module()
+    released = []
+    monkeypatch.setattr(gen_mod, "release_compiled", lambda: released.append(len(calls)))
+    calls.clear()
+    out = tmp_path / "grouped"
+    grouped = ev.evaluate(model, ev.EvalConfig(methods_per_prefill=2, out_dir=str(out), **kw),
+                          progress=False)
+    assert calls == [2, 2, 2, 2, 1, 1]  # group by group, batch by batch
+    assert released == [2, 4, 6]  # after each group (the next task's first group recompiles)
+    same = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    assert [same(r) for r in grouped] == [same(r) for r in one]
+    calls.clear()
+    again = ev.evaluate(model, ev.EvalConfig(methods_per_prefill=None, out_dir=str(out), **kw),
+                        progress=False)
+    assert calls == [] and [same(r) for r in again] == [same(r) for r in one]
+
+
+def test_release_compiled_recompiles_to_the_same_tokens(model):
+    from jaxkv.policies.registry import make_policy
+    gen_mod = _generate_module()
+    prompts = [[1] + [5 + i % 20 for i in range(40)]] * 2
+    policy = make_policy("snapkv", 0.5, model, window=4)
+    before = gen_mod.generate_shared(model, prompts, 4, [None, policy])
+    assert gen_mod._compiled_greedy_decode.cache_info().currsize > 0
+    gen_mod.release_compiled()
+    assert gen_mod._compiled_greedy_decode.cache_info().currsize == 0
+    assert gen_mod._compiled_compress_one.cache_info().currsize == 0
+    after = gen_mod.generate_shared(model, prompts, 4, [None, policy])
+    assert [g.tokens for g in after] == [g.tokens for g in before]
 
 
 def test_method_variants_carry_their_settings(model, oracle, tmp_path):

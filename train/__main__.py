@@ -89,6 +89,9 @@ def main(argv=None) -> int:
     e.add_argument("--n", type=int, default=None, help="prompts per task and length")
     e.add_argument("--batch-size", type=int, default=None)
     e.add_argument("--max-new-tokens", type=int, default=None)
+    e.add_argument("--methods-per-prefill", type=int, default=None,
+                   help="run the methods in groups of this many, one prefill per group and batch "
+                        "(bounds the memory of compiled programs; default: the config's)")
     e.add_argument("--seed", type=int, default=None)
     e.add_argument("--chat", dest="chat", action="store_true", default=None,
                    help="wrap prompts in the model's chat template (default: when it has one)")
@@ -140,7 +143,8 @@ def main(argv=None) -> int:
         run_eval(args.config, args.out, model_path=args.model, progress=not args.no_progress,
                  n=args.n, tasks=args.tasks, lengths=args.lengths, methods=args.methods,
                  budgets=args.budgets, batch_size=args.batch_size,
-                 max_new_tokens=args.max_new_tokens, seed=args.seed, chat=args.chat)
+                 max_new_tokens=args.max_new_tokens, seed=args.seed, chat=args.chat,
+                 methods_per_prefill=args.methods_per_prefill)
     elif args.command == "calibrate":
         from train.calibrate import run_calibration
         run_calibration(args.model, args.out, n=args.n, length=args.length,

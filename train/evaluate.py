@@ -36,7 +36,7 @@ def build_config(config_spec: Optional[str], out_dir: str, model: Optional[str] 
                  methods: Optional[Sequence[str]] = None,
                  budgets: Optional[Sequence[float]] = None, batch_size: Optional[int] = None,
                  max_new_tokens: Optional[int] = None, seed: Optional[int] = None,
-                 chat: Optional[bool] = None):
+                 chat: Optional[bool] = None, methods_per_prefill: Optional[int] = None):
     """The config file (default by model) with the given flags applied."""
     from jaxkv.eval import EvalConfig
     from train.config_loading import load_config
@@ -47,7 +47,7 @@ def build_config(config_spec: Optional[str], out_dir: str, model: Optional[str] 
     for name, value in (("n_samples", n), ("tasks", tasks), ("lengths", lengths),
                         ("methods", methods), ("budgets", budgets), ("batch_size", batch_size),
                         ("max_new_tokens", max_new_tokens), ("seed", seed), ("chat", chat),
-                        ("model", model)):
+                        ("model", model), ("methods_per_prefill", methods_per_prefill)):
         if value is not None:
             changes[name] = tuple(value) if isinstance(value, list) else value
     if methods is not None:  # settings of methods no longer asked for are dropped

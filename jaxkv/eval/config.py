@@ -84,6 +84,14 @@ class EvalConfig:
     model: Optional[str] = None
     #: the dtype the model is loaded in by `python -m train eval`
     dtype: str = "float32"
+    #: None: every method of a batch shares one prefill. k: the methods run in groups of k, one
+    #: prefill per group and batch, each group through all batches before the next, and the
+    #: compiled programs of a group are released before the next (`jaxkv.generate.
+    #: release_compiled`). Bounds memory: on XLA:CPU each method whose cache has its own layout
+    #: keeps about 0.6 GB of compiled programs alive (SmolLM2, 4K tokens), so the 39 methods x
+    #: budgets of configs/eval_real.py in one group outgrew 24 GB. Results are the same either way
+    #: (not part of the resume key).
+    methods_per_prefill: Optional[int] = None
 
     def __post_init__(self):
         methods = _as_str_tuple(self.methods, "methods")
@@ -121,6 +129,10 @@ class EvalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: must be a positive integer")
+        mpp = self.methods_per_prefill
+        if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, int) or mpp < 1):
+            raise ValueError(f"methods_per_prefill={mpp!r}: must be None (all methods share one "
+                             f"prefill) or a positive integer")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise ValueError(f"seed={self.seed!r}: must be an integer")
         mnt = self.max_new_tokens

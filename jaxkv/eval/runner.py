@@ -178,8 +178,10 @@ def evaluate(model, config: EvalConfig, progress: bool = True) -> List[dict]:
                     jobs.append(_Job(method, budget, policy, key, msettings))
             if jobs:
                 groups = batches(pset.prompts, config.batch_size)
-                plan.append((pset, groups, jobs))
-                total += len(groups)
+                k = config.methods_per_prefill or len(jobs)
+                chunks = [jobs[i:i + k] for i in range(0, len(jobs), k)]
+                plan.append((pset, groups, jobs, chunks))
+                total += len(groups) * len(chunks)
 
     def ordered() -> List[dict]:
         rank = {k: i for i, k in enumerate(results)}
@@ -207,16 +209,22 @@ def evaluate(model, config: EvalConfig, progress: bool = True) -> List[dict]:
     gen_mod = importlib.import_module("jaxkv.generate")  # the module (jaxkv.generate is the fn)
     pbar = tqdm(total=total, disable=not progress or total == 0, desc="eval", unit="batch")
     try:
-        for pset, groups, jobs in plan:
+        for pset, groups, jobs, chunks in plan:
             where = pset.task if pset.length is None else f"{pset.task}@{pset.length}"
-            for bi, idx in enumerate(groups):
-                todo = [j for j in jobs if str(bi) not in partial.get(j.id, {})]
-                pbar.set_description(f"{where} ({len(todo)} methods)")
-                if todo:
-                    _run_batch(gen_mod, model, pset, idx, bi, todo, partial, config.batch_size,
-                               len(groups))
-                    save(final=False)
-                pbar.update(1)
+            for ci, chunk in enumerate(chunks):
+                group = "" if len(chunks) == 1 else f", group {ci + 1}/{len(chunks)}"
+                ran = False
+                for bi, idx in enumerate(groups):
+                    todo = [j for j in chunk if str(bi) not in partial.get(j.id, {})]
+                    pbar.set_description(f"{where} ({len(todo)} methods{group})")
+                    if todo:
+                        _run_batch(gen_mod, model, pset, idx, bi, todo, partial,
+                                   config.batch_size, len(groups))
+                        save(final=False)
+                        ran = True
+                    pbar.update(1)
+                if ran and len(chunks) > 1:
+                    gen_mod.release_compiled()  # this group's programs; the next compiles its own
             for job in jobs:
                 results[job.key] = _make_record(pset, job, partial.pop(job.id), config, ident,
                                                 dtype, chat, len(groups))
