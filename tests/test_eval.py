@@ -357,15 +357,15 @@ def test_equal_policies_share_one_decoding(model, tmp_path, monkeypatch):
 
 def test_method_groups_give_the_same_records_with_one_prefill_per_group(model, tmp_path,
                                                                          monkeypatch):
-    """methods_per_prefill=2: the five jobs run in groups of two (one prefill per group and
+    """methods_per_prefill=2: the three jobs run in groups of two (one prefill per group and
     batch, each group through every batch), the compiled programs are released between groups,
     and every record equals the one-prefill run's; the grouping is not part of the resume key."""
-    kw = dict(methods=("full", "streaming", "snapkv[window=4]"), budgets=(0.5, 0.8),
+    kw = dict(methods=("full", "snapkv[window=4]"), budgets=(0.5, 0.8),
               tasks=("running_sum",), n_samples=4, batch_size=2, seed=3,
               task_settings={"running_sum": TASK_SETTINGS["running_sum"]})
     calls = _count_generate(monkeypatch)
     one = ev.evaluate(model, ev.EvalConfig(**kw), progress=False)
-    assert calls == [5, 5]  # two batches, all five jobs in each
+    assert calls == [3, 3]  # two batches, all three jobs in each
     gen_mod = _generate_module()
     released = []
     monkeypatch.setattr(gen_mod, "release_compiled", lambda: released.append(len(calls)))
@@ -373,8 +373,8 @@ def test_method_groups_give_the_same_records_with_one_prefill_per_group(model, t
     out = tmp_path / "grouped"
     grouped = ev.evaluate(model, ev.EvalConfig(methods_per_prefill=2, out_dir=str(out), **kw),
                           progress=False)
-    assert calls == [2, 2, 2, 2, 1, 1]  # group by group, batch by batch
-    assert released == [2, 4, 6]  # after each group (the next task's first group recompiles)
+    assert calls == [2, 2, 1, 1]  # group by group, batch by batch
+    assert released == [2, 4]  # after each group (the next task's first group recompiles)
     same = lambda r: {k: v for k, v in r.items() if k != "seconds"}
     assert [same(r) for r in grouped] == [same(r) for r in one]
     calls.clear()
