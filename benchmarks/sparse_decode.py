@@ -4,6 +4,8 @@ the compression overhead (scores + GRKV solve) relative to prefill.
   python benchmarks/sparse_decode.py                       # contexts 8192 16384, budgets 0.1 0.2
   python benchmarks/sparse_decode.py --contexts 8192 32768 --overhead-context 4096
   python benchmarks/sparse_decode.py --model smollm2-135m-instruct --no-decode   # real model
+  python benchmarks/sparse_decode.py --model smollm2-135m-instruct --no-decode \
+      --overhead-methods critical_adakv "grkv[bucketed=False]" grkv      # GRKV's bucketed solve
 
 Model: random Llama-style weights (ModelConfig below; --layers/--hidden/--heads/--kv-heads/
 --head-dim). Decode: caches of the given context are built directly (random keys/values; a
@@ -12,7 +14,9 @@ different count) because the layout, not the content, sets the decode cost; then
 model decode step (all layers: append + attention + MLP) is timed over --steps tokens, median of
 --repeats, compilation excluded. Overhead: jitted prefill of a --overhead-context prompt with no
 policy against prefill with SnapKV / Critical-AdaKV / GRKV compressing each layer; overhead =
-(t_policy - t_dense) / t_dense, all measured in one run. With --model (a name or path
+(t_policy - t_dense) / t_dense, all measured in one run: --repeats rounds of dense then each
+method, interleaved; the median over rounds of each round's ratio, and the ratio of the fastest
+runs (compilation excluded). With --model (a name or path
 `jaxkv.load` takes) the overhead uses that model's weights and a real passkey prompt of
 --overhead-context tokens instead of random weights. Prints a table and writes JSON (--out).
 """
@@ -21,12 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxkv.cache import DenseCache, SparseCache
+from jaxkv.eval.config import split_method
 from jaxkv.model.decoder import Decoder, init_params
 from jaxkv.policies.registry import make_policy
 
@@ -83,16 +90,31 @@ def overhead(args, methods):
 
     class _M:  # what make_policy needs of a model
         config = cfg
+    _M.params = params
     if args.model:
         _M = model  # the real model, for make_policy
-    dense_fn = prefill_fn(None)
-    base = timed(lambda: dense_fn(params, tokens, lengths), args.repeats)
-    out = {"prefill_s": base}
+    fns = {None: prefill_fn(None)}
     for m in methods:
-        policy = make_policy(m, 0.1, _M, window=args.window)
-        fn = prefill_fn(policy)
-        tm = timed(lambda: fn(params, tokens, lengths), args.repeats)
-        out[m] = {"prefill_with_policy_s": tm, "overhead": (tm - base) / base}
+        name, settings = split_method(m)
+        fns[m] = prefill_fn(make_policy(name, args.overhead_budget, _M,
+                                        **{"window": args.window, **settings}))
+    for fn in fns.values():  # compile everything first
+        jax.block_until_ready(fn(params, tokens, lengths))
+    # rounds of (dense, each method) interleaved, medians over rounds: a shared machine's load
+    # drifts over minutes, and timing one after the other put that drift into the ratios
+    times = {m: [] for m in fns}
+    for _ in range(args.repeats):
+        for m, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(params, tokens, lengths))
+            times[m].append(time.perf_counter() - t0)
+    base = statistics.median(times[None])
+    out = {"prefill_s": base, "rounds": args.repeats}
+    for m in methods:
+        per_round = [(a - b) / b for a, b in zip(times[m], times[None])]
+        out[m] = {"prefill_with_policy_s": statistics.median(times[m]),
+                  "overhead": statistics.median(per_round), "overhead_per_round": per_round,
+                  "overhead_of_fastest": (min(times[m]) - min(times[None])) / min(times[None])}
     return out
 
 
@@ -103,6 +125,9 @@ def main(argv=None):
     add_model_args(ap)
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--overhead-context", type=int, default=4096)
+    ap.add_argument("--overhead-budget", type=float, default=0.1)
+    ap.add_argument("--overhead-methods", nargs="+", default=["snapkv", "critical_adakv", "grkv"],
+                    help="methods (labels such as grkv[bucketed=False] too) timed for overhead")
     ap.add_argument("--no-overhead", action="store_true")
     ap.add_argument("--no-decode", action="store_true", help="only the compression overhead")
     ap.add_argument("--model", default=None,
@@ -128,7 +153,7 @@ def main(argv=None):
     result = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
               "args": vars(args), "decode": rows}
     if not args.no_overhead:
-        result["overhead"] = overhead(args, ("snapkv", "critical_adakv", "grkv"))
+        result["overhead"] = overhead(args, args.overhead_methods)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
@@ -141,10 +166,13 @@ def main(argv=None):
               f"{r['speedup']:>7.2f} {r['bytes_ratio']:>11.4f} {r['padding_slots']:>7}")
     if "overhead" in result:
         o = result["overhead"]
-        print(f"compression overhead at {args.overhead_context} tokens on "
+        print(f"compression overhead at {args.overhead_context} tokens, budget "
+              f"{args.overhead_budget}, on "
               f"{args.model or 'random weights'} (prefill {o['prefill_s']:.3f} s):")
-        for m in ("snapkv", "critical_adakv", "grkv"):
-            print(f"  {m:16s} {o[m]['overhead']:.3f}")
+        for m in args.overhead_methods:
+            rounds = ", ".join(f"{x:.3f}" for x in o[m]["overhead_per_round"])
+            print(f"  {m:24s} {o[m]['overhead']:.3f}  fastest {o[m]['overhead_of_fastest']:.3f}  "
+                  f"(rounds: {rounds})")
     print(f"wrote {args.out}")
 
 

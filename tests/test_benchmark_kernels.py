@@ -80,3 +80,27 @@ def test_gpu_mode_traces_a_kernel_for_every_cache_type(bench):
         shape = bench.Shape(1, 4, 2, 64, dtype)
         cache = bench.build_cache(kind, jax.random.PRNGKey(0), shape, 256, args)
         assert bench.uses_kernel(fn, jnp.zeros((1, 4, 64), dtype), cache) is expected, kind
+
+
+def test_sparse_decode_overhead_smoke(tmp_path):
+    """benchmarks/sparse_decode.py's compression overhead on a random 1-layer model: interleaved
+    rounds, a method label with settings, the per-round ratios and their median."""
+    sys.path.insert(0, BENCH_DIR)
+    try:
+        spec = importlib.util.spec_from_file_location("bench_sparse_decode",
+                                                      os.path.join(BENCH_DIR, "sparse_decode.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(BENCH_DIR)
+    out = str(tmp_path / "sparse.json")
+    module.main(["--no-decode", "--overhead-context", "96", "--layers", "1", "--hidden", "64",
+                 "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--window", "4",
+                 "--overhead-budget", "0.5", "--repeats", "2", "--out", out,
+                 "--overhead-methods", "snapkv", "grkv[bucketed=False]", "grkv"])
+    o = _load(out)["overhead"]
+    assert o["rounds"] == 2 and o["prefill_s"] > 0
+    for m in ("snapkv", "grkv[bucketed=False]", "grkv"):
+        rounds = o[m]["overhead_per_round"]
+        assert len(rounds) == 2 and o[m]["prefill_with_policy_s"] > 0
+        assert min(rounds) <= o[m]["overhead"] <= max(rounds)

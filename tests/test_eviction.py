@@ -10,7 +10,7 @@ from jaxkv.policies.adakv import AdaKV, CriticalKV
 from jaxkv.policies.merging import cam_merge, kvmerger_merge, nearest_merge
 from jaxkv.policies.registry import make_policy
 from jaxkv.policies.snapkv import (ChunkKV, PyramidKV, SnapKV, avg_pool, prepare_scores,
-                                   select_headwise, select_per_head, span_scores)
+                                   select_headwise, select_per_head, span_scores, value_norms)
 from tests.helpers import tiny_model
 
 SPARSE_METHODS = ("snapkv", "pyramidkv", "chunkkv", "adakv", "criticalkv", "critical_adakv",
@@ -119,6 +119,23 @@ def test_criticalkv_first_stage_is_half_the_budget_beyond_the_window():
     keep = np.asarray(policy.select(0, s, jnp.asarray([n_keep]), n_keep, cache, obs))[0, 0]
     # stage 1: window + {0, 1, 2} (4 + floor(0.5 * 6) = 7); stage 2: {3, 4, 5} by score * |v|
     np.testing.assert_array_equal(np.flatnonzero(keep), [0, 1, 2, 3, 4, 5, 10, 11, 12, 13])
+
+
+@pytest.mark.parametrize("chunk", [64, 256, 4096])
+def test_value_norms_are_l1_norms_of_w_o_v_summed_over_the_query_heads(chunk):
+    from types import SimpleNamespace
+    rng = np.random.default_rng(0)
+    b, kh, g, t, d, e = 2, 3, 2, 300, 8, 20  # 300 tokens: the last chunk is partial
+    v = rng.normal(size=(b, kh, t, d)).astype(np.float32)
+    wo = rng.normal(size=(kh * g * d, e)).astype(np.float32)  # rows: head h = k * g + j, then D
+    got = value_norms(SimpleNamespace(v=jnp.asarray(v)), SimpleNamespace(o_proj=jnp.asarray(wo)),
+                      chunk=chunk)
+    want = np.zeros((b, kh, t))
+    for k in range(kh):
+        for j in range(g):
+            w = wo[(k * g + j) * d:(k * g + j + 1) * d]  # [D, E]
+            want[:, k] += np.abs(v[:, k] @ w).sum(-1)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
 
 
 def test_snapkv_pools_the_prefix_only():

@@ -9,8 +9,8 @@ from jaxkv.diagnostics import held_out_errors, spread_positions
 from jaxkv.model.layers import apply_rope, rope_inv_freq
 from jaxkv.policies.adakv import CriticalKV
 from jaxkv.policies.base import last_positions
-from jaxkv.policies.grkv import (GRKV, reference_positions, ridge_adjust_head, ridge_value_step,
-                                 rotate_to)
+from jaxkv.policies.grkv import (GRKV, _attend, attention_jacobian, reference_positions,
+                                 ridge_adjust_head, ridge_value_step, rotate_to, slot_buckets)
 from jaxkv.policies.merging import CaM, KVMerger, NearestMerge
 from tests.helpers import tiny_config
 
@@ -48,6 +48,26 @@ def _random_head(rng, t=40, d=8, rows=12):
     p = np.exp(logits - logits.max(-1, keepdims=True))
     y = (p / p.sum(-1, keepdims=True)) @ v0
     return [jnp.asarray(x) for x in (q, y, k0, v0, keep, mutable)]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_closed_form_jacobian_equals_autodiff(seed):
+    """The key step's J and J^T (attention_jacobian) against jax.jvp / jax.vjp of the masked
+    attention, with frozen keys (mut 0) and dropped slots (keep False)."""
+    rng = np.random.default_rng(seed)
+    q, _, k0, v0, keep, mutable = _random_head(rng)
+    sw = jnp.asarray(rng.uniform(0.2, 1.0, size=q.shape[0]), jnp.float32)
+    mut = mutable.astype(jnp.float32)[:, None]
+    g = lambda dk: sw[:, None] * _attend(q, k0 + dk * mut, v0, keep, 0.35)[0]
+    out, p = _attend(q, k0, v0, keep, 0.35)
+    jvp, jt = attention_jacobian(q, p, v0, out, sw, mut, 0.35)
+    x = jnp.asarray(rng.normal(size=k0.shape), jnp.float32)
+    u = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+    np.testing.assert_allclose(np.asarray(jvp(x)), np.asarray(jax.jvp(g, (jnp.zeros_like(k0),), (x,))[1]),
+                               rtol=1e-4, atol=1e-5)
+    want_t = jax.vjp(g, jnp.zeros_like(k0))[1](u)[0]
+    np.testing.assert_allclose(np.asarray(jt(u)), np.asarray(want_t), rtol=1e-4, atol=1e-5)
+    assert np.all(np.asarray(jt(u))[~np.asarray(mutable)] == 0)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -102,18 +122,28 @@ def test_solving_on_the_gathered_kept_tokens_equals_the_masked_solve():
                            inv_freq=jnp.asarray(rope_inv_freq(tiny_config(head_dim=d))), layer=0,
                            extra_capacity=2, scale=d ** -0.5)
     valid = np.arange(t)[None, :] < np.asarray(lengths)[:, None]
-    keep = (rng.uniform(size=(b, kh, t)) < 0.3) & valid[:, None]
+    # heads keep different shares, so the bucketed solve puts them in different sizes
+    keep = (rng.uniform(size=(b, kh, t)) < np.asarray([0.1, 0.5])[None, :, None]) & valid[:, None]
     for i, n in enumerate(np.asarray(lengths)):
         keep[i, :, n - win:n] = True
     most = int(keep.sum(-1).max())
     scores = jnp.asarray(rng.uniform(size=(b, kh, t)), jnp.float32)
-    run = jax.jit(lambda m: grkv_adjust(k, v, jnp.asarray(keep), scores, obs, window=win,
-                                        n_ref=n_ref, ref_weight=6 / 32, guard=0.1, lam=0.01,
-                                        v_cap=10.0, k_cap=10.0, cg_iters=16, cg_tol=1e-6,
-                                        max_kept=m), static_argnums=0)
-    k_full, v_full, st_full = run(None)
-    k_c, v_c, st_c = run(most)
+    run = jax.jit(lambda m, bucketed: grkv_adjust(
+        k, v, jnp.asarray(keep), scores, obs, window=win, n_ref=n_ref, ref_weight=6 / 32,
+        guard=0.1, lam=0.01, v_cap=10.0, k_cap=10.0, cg_iters=16, cg_tol=1e-6, max_kept=m,
+        bucketed=bucketed), static_argnums=(0, 1))
+    k_full, v_full, st_full = run(None, False)
     assert most < t
+    for bucketed in (False, True):
+        _check_same_solve(run(most, bucketed), (k_full, v_full, st_full), k, v, keep)
+    # the four heads fall in different buckets of slot_buckets(most, kh)
+    counts = keep.sum(-1).ravel()
+    sizes = np.asarray(slot_buckets(most, kh))
+    assert len(set(np.searchsorted(sizes, counts))) > 1
+
+
+def _check_same_solve(got, want, k, v, keep):
+    (k_c, v_c, st_c), (k_full, v_full, st_full) = got, want
     # float32 conjugate gradients summed in another order: one key of 1,536 (|k| 1.56) was off
     # by 1.06e-4 with jax 0.10.2 on this CPU, so the bound is relative as well as absolute
     np.testing.assert_allclose(np.asarray(k_c), np.asarray(k_full), rtol=1e-4, atol=1e-4)
@@ -123,6 +153,17 @@ def test_solving_on_the_gathered_kept_tokens_equals_the_masked_solve():
     np.testing.assert_array_equal(np.asarray(k_c)[~keep], np.asarray(k)[~keep])
     np.testing.assert_array_equal(np.asarray(v_c)[~keep], np.asarray(v)[~keep])
     assert (np.asarray(st_c.choice) > 0).any()  # something was adjusted
+
+
+@pytest.mark.parametrize("max_kept,heads", [(1122, 3), (3003, 3), (100, 8), (10, 3), (1, 1), (5000, 8)])
+def test_slot_buckets_grow_by_half_and_end_at_max_kept(max_kept, heads):
+    sizes = slot_buckets(max_kept, heads)
+    assert sizes[-1] == max_kept and list(sizes) == sorted(set(sizes))
+    assert sizes[0] <= max(8, max_kept / heads)  # half a head's mean share, rounded up to 8
+    for small, large in zip(sizes, sizes[1:]):
+        assert large <= max(1.5 * small + 8, 8)  # so padding is at most about a third
+    with pytest.raises(ValueError, match="max_kept"):
+        slot_buckets(0, 3)
 
 
 def test_reference_positions_are_slice_midpoints():
