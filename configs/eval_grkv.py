@@ -7,7 +7,8 @@ GRKV retains whole spans of 10 tokens per head (its default) before the ridge st
 paired with Critical-AdaKV as its authors define it (token level) and with Critical-AdaKV in the
 same spans (`critical_adakv[span=10]`, GRKV's retention without the ridge step): the first pair
 measures the method, the second the ridge step alone. CaM, nearest-survivor and KVMerger merge
-into their own retention. New tokens: 16 for passkey and the single-answer NIAH tasks (a 7-digit
+into GRKV's retention (the same spans), so they differ from GRKV only in how the kept keys and
+values change. New tokens: 16 for passkey and the single-answer NIAH tasks (a 7-digit
 number fits in 9), 48 for niah_multivalue's four numbers, RULER's 30 for vt.
 
 The records of configs/eval_real.py's sweep with the same key (task, length, method, budget,

@@ -292,6 +292,33 @@ def test_nearest_merge_folds_into_the_most_similar_key():
     np.testing.assert_allclose(np.asarray(out)[0, 0, :2, 0], [20.0, 30.0], rtol=1e-6)
 
 
+def test_nearest_merge_on_gathered_kept_keys_equals_the_full_similarity():
+    """max_kept: similarity against each head's kept keys gathered into max_kept slots, the same
+    targets (ties to the earliest kept token, duplicated keys included) as against all T."""
+    rng = np.random.default_rng(0)
+    b, kh, t, d = 2, 3, 40, 4
+    k = rng.normal(size=(b, kh, t, d)).astype(np.float32)
+    k[:, :, 20] = k[:, :, 5]  # a duplicated key: ties
+    v = jnp.asarray(rng.normal(size=(b, kh, t, 2)), jnp.float32)
+    keep = rng.uniform(size=(b, kh, t)) < np.asarray([0.1, 0.3, 0.6])[None, :, None]
+    keep[:, :, [5, 20]] = True
+    lengths = jnp.asarray([t, 33])
+    mass = jnp.asarray(rng.uniform(0.1, 1.0, size=(b, kh, t)), jnp.float32)
+    most = int(keep.sum(-1).max())
+    _, full = nearest_merge(jnp.asarray(k), v, jnp.asarray(keep), mass, lengths)
+    _, gathered = nearest_merge(jnp.asarray(k), v, jnp.asarray(keep), mass, lengths, max_kept=most)
+    assert most < t
+    np.testing.assert_allclose(np.asarray(gathered), np.asarray(full), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(np.asarray(full), np.asarray(v))  # something was merged
+
+
+@pytest.mark.parametrize("method", ["cam", "nearest_merge", "kvmerger"])
+def test_merging_baselines_use_grkvs_span_retention(method):
+    model = tiny_model()
+    assert make_policy(method, 0.5, model).span == make_policy("grkv", 0.5, model).span == 10
+    assert make_policy(method, 0.5, model, span=1).span == 1
+
+
 def test_kvmerger_merges_only_similar_adjacent_keys():
     k = jnp.asarray([[[[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [0.0, -1.0]]]])
     v = jnp.asarray([[[[1.0], [3.0], [5.0], [7.0]]]])

@@ -354,6 +354,10 @@ def test_one_water_level_across_heads_is_optimal_for_the_budget_it_uses(seed, fr
     assert opt_budget <= split + tol
 
 
+# traced costs, jitted once for every example (one compilation per example took 30 s of CI)
+_traced_cost_bits = jax.jit(lambda w, b, c: allocate_with_costs(w, EPS_V, b, c).bits)
+
+
 @SETTINGS
 @given(seed=st.integers(0, 2 ** 31 - 1), frac=st.floats(0.0, 1.0))
 def test_per_item_costs_meet_the_budget_within_one_percent(seed, frac):
@@ -372,8 +376,8 @@ def test_per_item_costs_meet_the_budget_within_one_percent(seed, frac):
     step = costs[..., -1].max()
     big = budget >= 100 * step
     assert np.all(cost[big] >= 0.99 * budget[big])
-    f = jax.jit(lambda w, b, c: allocate_with_costs(w, EPS_V, b, c).bits)   # traced costs
-    np.testing.assert_array_equal(f(w, budget, jnp.asarray(costs, jnp.int32)), a.bits)
+    np.testing.assert_array_equal(_traced_cost_bits(w, budget, jnp.asarray(costs, jnp.int32)),
+                                  a.bits)
     with pytest.raises(ValueError, match="nondecreasing"):
         allocate_with_costs(w, EPS_V, budget, costs[..., ::-1])
     with pytest.raises(ValueError, match=r"costs.shape"):

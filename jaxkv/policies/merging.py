@@ -1,7 +1,7 @@
 """Merging baselines: instead of dropping the evicted prompt tokens, fold them into kept ones.
 
-All three use GRKV's retention (Critical-AdaKV) so that they differ from GRKV only in how the kept
-keys/values are changed, and all work per layer, sequence and KV head in the dense prefill layout
+All three use GRKV's retention (Critical-AdaKV in spans of `span` tokens, 10 by default as GRKV's)
+so that they differ from GRKV only in how the kept keys/values are changed, and all work per layer, sequence and KV head in the dense prefill layout
 (k, v [B, K, T, D], keep [B, K, T]) before the kept tokens are gathered into a SparseCache. The
 "attention mass" of a token is its SnapKV score (window attention, pooled).
 
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from jaxkv.checks import check_int
 from jaxkv.policies.adakv import CriticalKV
+from jaxkv.policies.grkv import kept_first
 from jaxkv.policies.registry import register_method
 from jaxkv.policies.snapkv import snap_settings
 
@@ -95,19 +96,29 @@ def _cosine(a, b):
     return jnp.einsum("...TD,...SD->...TS", a, b)
 
 
-def nearest_merge(k, v, keep, mass, lengths):
-    """Each evicted value folds into the kept token (same head) with the most cosine-similar key.
-    One KV head at a time (lax.map) so the [T, T] similarity stays per head."""
+def nearest_merge(k, v, keep, mass, lengths, max_kept=None):
+    """Each evicted value folds into the kept token (same head) with the most cosine-similar key
+    (ties: the earliest). One KV head at a time (lax.map) so the similarity stays per head; with
+    max_kept (a static bound on the tokens any head keeps) it is taken against each head's kept
+    keys only, gathered into max_kept slots ([T, max_kept] instead of [T, T]: the same targets at
+    max_kept / T of the work)."""
     t = k.shape[2]
     evicted = _valid(lengths, t) & ~keep
+    if max_kept is not None and max_kept < t:
+        idx, ok = kept_first(keep, max_kept)  # [B, K, S], kept positions in order first
+        kept_keys = jnp.take_along_axis(k, idx[..., None], axis=2)  # [B, K, S, D]
+    else:
+        idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), keep.shape)
+        ok, kept_keys = keep, k
 
-    def per_head(args):  # k [B, T, D], keep [B, T] -> target [B, T]
-        kh_, keep_ = args
-        sim = _cosine(kh_, kh_)  # [B, T, T]
-        sim = jnp.where(keep_[:, None, :], sim, -jnp.inf)
-        return jnp.argmax(sim, axis=-1).astype(jnp.int32)
-    target = jax.lax.map(per_head, (k.transpose(1, 0, 2, 3), keep.transpose(1, 0, 2)))
-    target = jnp.where(evicted, target.transpose(1, 0, 2), t)
+    def per_head(args):  # k [B, T, D], kept keys [B, S, D], ok [B, S], idx [B, S] -> [B, T]
+        kh_, kk_, ok_, idx_ = args
+        sim = jnp.where(ok_[:, None, :], _cosine(kh_, kk_), -jnp.inf)  # [B, T, S]
+        return jnp.take_along_axis(idx_, jnp.argmax(sim, axis=-1), axis=-1).astype(jnp.int32)
+    heads_first = lambda x: jnp.moveaxis(x, 1, 0)
+    target = jax.lax.map(per_head, (heads_first(k), heads_first(kept_keys), heads_first(ok),
+                                    heads_first(idx)))
+    target = jnp.where(evicted, heads_first(target), t)
     w = jnp.where(evicted, mass, 0.0)
     return k, _fold(v.astype(jnp.float32), mass, keep, target, w).astype(v.dtype)
 
@@ -164,7 +175,10 @@ class NearestMerge(CriticalKV):
     name = "nearest_merge"
 
     def adjust(self, layer, k, v, keep, scores, cache, obs):
-        return nearest_merge(k, v, keep, scores, obs.lengths)
+        # no head keeps more than the layer's K * n_max slots
+        t = k.shape[2]
+        bound = k.shape[1] * self.n_max(layer, t, self._mean(cache, obs))
+        return nearest_merge(k, v, keep, scores, obs.lengths, max_kept=min(t, bound))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,21 +199,26 @@ class KVMerger(CriticalKV):
 
 
 @register_method("cam")
-def _cam(budget: float, model, window: int = 32, kernel: int = 5, neighbours: int = 3):
-    """CaM merging over Critical-AdaKV retention."""
-    return CaM(budget=budget, neighbours=neighbours, **snap_settings(model, window, kernel))
+def _cam(budget: float, model, window: int = 32, kernel: int = 5, neighbours: int = 3,
+         span: int = 10):
+    """CaM merging over GRKV's retention (Critical-AdaKV in spans of `span` tokens)."""
+    return CaM(budget=budget, neighbours=neighbours, **snap_settings(model, window, kernel, span))
 
 
 @register_method("nearest_merge")
-def _nearest(budget: float, model, window: int = 32, kernel: int = 5):
-    """Nearest-survivor value merging over Critical-AdaKV retention."""
-    return NearestMerge(budget=budget, **snap_settings(model, window, kernel))
+def _nearest(budget: float, model, window: int = 32, kernel: int = 5, span: int = 10):
+    """Nearest-survivor value merging over GRKV's retention (Critical-AdaKV in spans of `span`
+    tokens)."""
+    return NearestMerge(budget=budget, **snap_settings(model, window, kernel, span))
 
 
 @register_method("kvmerger")
-def _kvmerger(budget: float, model, window: int = 32, kernel: int = 5, threshold: float = 0.5):
-    """KVMerger Gaussian merging over Critical-AdaKV retention."""
-    return KVMerger(budget=budget, threshold=threshold, **snap_settings(model, window, kernel))
+def _kvmerger(budget: float, model, window: int = 32, kernel: int = 5, threshold: float = 0.5,
+              span: int = 10):
+    """KVMerger Gaussian merging over GRKV's retention (Critical-AdaKV in spans of `span`
+    tokens)."""
+    return KVMerger(budget=budget, threshold=threshold,
+                    **snap_settings(model, window, kernel, span))
 
 
 __all__ = ["CaM", "NearestMerge", "KVMerger", "cam_merge", "nearest_merge", "kvmerger_merge",
