@@ -131,8 +131,10 @@ PAIRS: Tuple[Pair, ...] = (
          (("window", WINDOW), ("kernel", KERNEL), ("safeguard", SAFEGUARD))),
     Pair("chunkkv", "chunkkv", "chunkkv",
          (("window", WINDOW), ("kernel", KERNEL), ("chunk_size", CHUNK))),
-    Pair("cam", "cam", "merging", (("window", WINDOW), ("kernel", KERNEL))),
-    Pair("nearest_merge", "nearest_merge", "merging", (("window", WINDOW), ("kernel", KERNEL))),
+    # token-level retention (span 1), as kvpress's CriticalKVPress (jaxkv's default is GRKV's spans)
+    Pair("cam", "cam", "merging", (("window", WINDOW), ("kernel", KERNEL), ("span", 1))),
+    Pair("nearest_merge", "nearest_merge", "merging",
+         (("window", WINDOW), ("kernel", KERNEL), ("span", 1))),
 )
 PAIR_BY_LABEL = {p.label: p for p in PAIRS}
 
