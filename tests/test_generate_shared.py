@@ -8,9 +8,9 @@ import jaxkv
 from jaxkv.generate import generate, generate_shared
 from jaxkv.tasks import make_task, sample_examples
 
-# dense, prompt eviction, GRKV (its layers once deadlocked XLA's CPU runtime when
-# compressed side by side), mixed precision, head split; the others: tests/test_eval_real.py
-METHODS = ("full", "snapkv", "grkv", "rdkv", "random_heads")
+# dense, prompt eviction + merging (GRKV: its layers once deadlocked XLA's CPU runtime when
+# compressed side by side), quantisation, mixed precision, head split
+METHODS = ("full", "grkv", "kivi2", "rdkv", "random_heads")
 
 
 @pytest.fixture(scope="module")
