@@ -16,9 +16,10 @@ model decode step (all layers: append + attention + MLP) is timed over --steps t
 policy against prefill with SnapKV / Critical-AdaKV / GRKV compressing each layer; overhead =
 (t_policy - t_dense) / t_dense, all measured in one run: --repeats rounds of dense then each
 method, interleaved; the median over rounds of each round's ratio, the ratio of the fastest
-runs, and the median ratio of this process's CPU time (compilation excluded). With --model (a name or path
-`jaxkv.load` takes) the overhead uses that model's weights and a real passkey prompt of
---overhead-context tokens instead of random weights. Prints a table and writes JSON (--out).
+runs, and the median ratio of this process's CPU time (compilation excluded). With --model (a
+name or path `jaxkv.load` takes) the overhead uses that model's weights and a real passkey
+prompt of --overhead-context tokens instead of random weights. Prints a table and writes JSON
+(--out).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from jaxkv.eval.config import split_method
 from jaxkv.model.decoder import Decoder, init_params
 from jaxkv.policies.registry import make_policy
 
-from common import add_model_args, bench_config, decode_time, timed  # benchmarks/common.py
+from common import add_model_args, bench_config, decode_time  # benchmarks/common.py
 
 
 def _caches(cfg, context, budget, steps, rng):

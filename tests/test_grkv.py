@@ -63,8 +63,8 @@ def test_closed_form_jacobian_equals_autodiff(seed):
     jvp, jt = attention_jacobian(q, p, v0, out, sw, mut, 0.35)
     x = jnp.asarray(rng.normal(size=k0.shape), jnp.float32)
     u = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
-    np.testing.assert_allclose(np.asarray(jvp(x)), np.asarray(jax.jvp(g, (jnp.zeros_like(k0),), (x,))[1]),
-                               rtol=1e-4, atol=1e-5)
+    want = jax.jvp(g, (jnp.zeros_like(k0),), (x,))[1]
+    np.testing.assert_allclose(np.asarray(jvp(x)), np.asarray(want), rtol=1e-4, atol=1e-5)
     want_t = jax.vjp(g, jnp.zeros_like(k0))[1](u)[0]
     np.testing.assert_allclose(np.asarray(jt(u)), np.asarray(want_t), rtol=1e-4, atol=1e-5)
     assert np.all(np.asarray(jt(u))[~np.asarray(mutable)] == 0)
@@ -155,7 +155,8 @@ def _check_same_solve(got, want, k, v, keep):
     assert (np.asarray(st_c.choice) > 0).any()  # something was adjusted
 
 
-@pytest.mark.parametrize("max_kept,heads", [(1122, 3), (3003, 3), (100, 8), (10, 3), (1, 1), (5000, 8)])
+@pytest.mark.parametrize("max_kept,heads",
+                         [(1122, 3), (3003, 3), (100, 8), (10, 3), (1, 1), (5000, 8)])
 def test_slot_buckets_grow_by_half_and_end_at_max_kept(max_kept, heads):
     sizes = slot_buckets(max_kept, heads)
     assert sizes[-1] == max_kept and list(sizes) == sorted(set(sizes))

@@ -1,9 +1,10 @@
 """Merging baselines: instead of dropping the evicted prompt tokens, fold them into kept ones.
 
-All three use GRKV's retention (Critical-AdaKV in spans of `span` tokens, 10 by default as GRKV's)
-so that they differ from GRKV only in how the kept keys/values are changed, and all work per layer, sequence and KV head in the dense prefill layout
-(k, v [B, K, T, D], keep [B, K, T]) before the kept tokens are gathered into a SparseCache. The
-"attention mass" of a token is its SnapKV score (window attention, pooled).
+All three use GRKV's retention (Critical-AdaKV in spans of `span` tokens, 10 by default as
+GRKV's) so that they differ from GRKV only in how the kept keys/values are changed, and all work
+per layer, sequence and KV head in the dense prefill layout (k, v [B, K, T, D], keep [B, K, T])
+before the kept tokens are gathered into a SparseCache. The "attention mass" of a token is its
+SnapKV score (window attention, pooled).
 
 * CaM (Zhang et al. 2024, "cache merging"): an evicted value is spread over the next
   `neighbours` kept tokens after it (keys untouched); each receiver's value becomes the
@@ -25,9 +26,8 @@ import jax.numpy as jnp
 
 from jaxkv.checks import check_int
 from jaxkv.policies.adakv import CriticalKV
-from jaxkv.policies.grkv import kept_first
 from jaxkv.policies.registry import register_method
-from jaxkv.policies.snapkv import snap_settings
+from jaxkv.policies.snapkv import kept_first, snap_settings
 
 
 def _valid(lengths, t):
@@ -175,10 +175,8 @@ class NearestMerge(CriticalKV):
     name = "nearest_merge"
 
     def adjust(self, layer, k, v, keep, scores, cache, obs):
-        # no head keeps more than the layer's K * n_max slots
-        t = k.shape[2]
-        bound = k.shape[1] * self.n_max(layer, t, self._mean(cache, obs))
-        return nearest_merge(k, v, keep, scores, obs.lengths, max_kept=min(t, bound))
+        return nearest_merge(k, v, keep, scores, obs.lengths,
+                             max_kept=self.max_kept(layer, k.shape[2], cache, obs))
 
 
 @dataclasses.dataclass(frozen=True)

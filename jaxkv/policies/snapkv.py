@@ -161,6 +161,16 @@ def select_per_head(scores: jax.Array, n_keep: jax.Array, n_max: int) -> jax.Arr
     return _rank_keep(scores, n_max, n_keep)
 
 
+def kept_first(keep: jax.Array, s: int):
+    """The first s positions of each head with its kept tokens first, in position order:
+    (idx int32 [B, K, s], valid bool [B, K, s]); valid counts the kept ones (all of them when a
+    head keeps at most s)."""
+    t = keep.shape[-1]
+    order = jnp.arange(t, dtype=jnp.int32)
+    _, idx = jax.lax.top_k(-jnp.where(keep, order, t + order), s)
+    return idx, jnp.take_along_axis(keep, idx, axis=-1)
+
+
 def select_headwise(scores: jax.Array, n_keep: jax.Array, n_max: int,
                     safeguard: float, window: int) -> jax.Array:
     """AdaKV (Feng et al. 2024): one top-k over all heads of the layer for K * n_keep[b] tokens,
@@ -250,6 +260,11 @@ class SnapKV(Policy):
 
     def _guard_text(self) -> str:
         return ""
+
+    def max_kept(self, layer: int, t: int, cache, obs) -> int:
+        """Static bound on the tokens any one head of layer `layer` keeps: the layer's K * n_max
+        slots (head-wise budgets may give them all to one head), at most the t prompt tokens."""
+        return min(t, cache.k.shape[1] * self.n_max(layer, t, self._mean(cache, obs)))
 
     def scores(self, cache, obs) -> jax.Array:
         return snapkv_scores(cache, obs, self.window, self.kernel)
@@ -400,5 +415,5 @@ def _chunkkv(budget: float, model, window: int = 32, kernel: int = 5, chunk_size
 
 
 __all__ = ["SnapKV", "PyramidKV", "ChunkKV", "snapkv_scores", "window_attention", "avg_pool",
-           "value_norms", "span_scores", "prepare_scores", "select_per_head", "select_headwise", "per_row_keep",
-           "window_mask"]
+           "value_norms", "span_scores", "prepare_scores", "select_per_head", "select_headwise",
+           "per_row_keep", "window_mask", "kept_first"]
