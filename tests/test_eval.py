@@ -444,3 +444,22 @@ def test_a_changed_policy_is_recomputed(model, tmp_path):
         mp.undo()
     assert calls == [1]  # snapkv only; full reused
     assert again[1]["policy"] == first[1]["policy"]
+
+    # a record, or a finished batch, that does not say which policy made it is recomputed
+    saved = json.loads((tmp_path / "results.json").read_text())
+    del saved[1]["policy"]
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    key = json.dumps(runner.record_key(saved[0]))
+    part = {"policy": None, "correct": [0, 0], "n_correct": 0}
+    (tmp_path / "partial.json").write_text(json.dumps({key: {"0": part}}))
+    saved[0]["policy"] = "nonsense"
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    calls.clear()
+    mp.setattr(runner, "_run_batch", runner_batch)
+    try:
+        third = ev.evaluate(model, config, progress=False)
+    finally:
+        mp.undo()
+    assert calls == [2]  # both: full's stale batch dropped, snapkv's record without a policy
+    assert [r["policy"] for r in third] == [r["policy"] for r in first]
+    assert third[0]["correct"] == first[0]["correct"]

@@ -29,9 +29,9 @@ A record (one per task, length, method and requested budget; "full" once at budg
 
 Resumption: a record in out_dir/results.json with the same key (`record_key`: task, length,
 method, budget, n, seed, model fingerprint, dtype, chat, batch size, max_new_tokens and both
-settings) is reused if the same policy made it (`policy`: the built policy's repr, defaults
-included; records without the field are reused), so a method whose defaults changed is recomputed;
-any other difference recomputes. Finished batches of unfinished records are
+settings) is reused only if the same policy made it (`policy`: the built policy's repr, defaults
+included), so a method whose defaults changed is recomputed; a record or a finished batch without
+the field cannot show what made it and is recomputed too; any other difference recomputes. Finished batches of unfinished records are
 kept in out_dir/partial.json after every batch, so an interrupted run loses at most one batch.
 """
 from __future__ import annotations
@@ -161,9 +161,9 @@ def evaluate(model, config: EvalConfig, progress: bool = True) -> List[dict]:
                         method_settings=msettings))
                     policy = make_policy(base, budget, model, **msettings)
                     made_by = policy_identity(policy)
-                    # a record from before the field was written is reused; one built by another
-                    # policy (a method's defaults changed since) is recomputed
-                    if key in previous and previous[key].get("policy", made_by) == made_by:
+                    # a record built by another policy (a method's defaults changed since), or one
+                    # that does not say which policy built it, is recomputed
+                    if key in previous and previous[key].get("policy") == made_by:
                         results[key] = previous[key]
                         say(f"skip {task}{'' if length is None else f' @ {length}'} / {method} "
                             f"@ {budget:g}: already in {os.path.join(out_dir, RESULTS_FILE)}")
@@ -173,8 +173,8 @@ def evaluate(model, config: EvalConfig, progress: bool = True) -> List[dict]:
                             f"@ {budget:g}: its policy changed since the saved record")
                     done = partial.get(json.dumps(key), {})
                     for b in [b for b, part in done.items()
-                              if part.get("policy", made_by) != made_by]:
-                        del done[b]  # batches another policy made
+                              if part.get("policy") != made_by]:
+                        del done[b]  # batches another (or an unrecorded) policy made
                     jobs.append(_Job(method, budget, policy, key, msettings))
             if jobs:
                 groups = batches(pset.prompts, config.batch_size)
