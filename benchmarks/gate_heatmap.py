@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from jaxkv.policies.rlkv import load_gates, shipped_gate_file
-from train.gate_run import plot_gates
+from jaxkv.policies.rlkv import plot_gates
 
 TITLES = {"rlkv": "RLKV (GRPO)", "duo": "DuoAttention (distillation)"}
 

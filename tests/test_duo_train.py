@@ -102,16 +102,20 @@ def test_microbatches_give_the_batch_step(model_dir, micro):
 
 
 def test_gate_heat_map_panels_and_errors(tmp_path):
-    from train.gate_run import plot_gates
+    from jaxkv.policies.rlkv import plot_gates
     g = np.linspace(0, 1, 12).reshape(4, 3)
     path = plot_gates([("a", g), ("b", 1 - g)], str(tmp_path / "h.png"), sparsity=0.25)
     assert open(path, "rb").read(4) == b"\x89PNG"
-    assert not os.path.exists(path + ".tmp.png")
+    assert os.listdir(tmp_path) == ["h.png"]  # written atomically: no temporary file left
     plot_gates([("a", g)], str(tmp_path / "n.png"), sparsity=None)
-    with pytest.raises(ValueError, match="panels"):
+    with pytest.raises(ValueError, match="panel"):
         plot_gates([], str(tmp_path / "e.png"))
     with pytest.raises(ValueError, match="gates"):
         plot_gates([("bad", g + 1)], str(tmp_path / "e.png"))
+    with pytest.raises(ValueError, match="path="):
+        plot_gates(g, str(tmp_path / "no" / "such" / "dir.png"))
+    with pytest.raises(ValueError, match="sparsity"):
+        plot_gates(g, str(tmp_path / "s.png"), sparsity=1.5)
 
 
 @pytest.mark.parametrize("micro", [0, 3, True])
@@ -163,7 +167,7 @@ def test_plots_leave_pyplot_backend_alone(tmp_path):
     import matplotlib
 
     from jaxkv.eval.report import plot_accuracy_vs_budget
-    from train.gate_run import plot_gates
+    from jaxkv.policies.rlkv import plot_gates
     before = matplotlib.get_backend()
     matplotlib.use("svg")
     try:

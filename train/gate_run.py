@@ -16,58 +16,13 @@ import numpy as np
 
 from jaxkv.jsonio import write_json_atomic, write_text_atomic
 from jaxkv.model.gated import gate_stats
-from jaxkv.policies.rlkv import save_gates
+from jaxkv.policies.rlkv import plot_gates, save_gates
 from jaxkv.sharding import replicate
 
 LOG_FILE = "train_log.jsonl"
 GATES_FILE = "gates.json"
 REPORT_FILE = "report.json"
 HEATMAP_FILE = "gates.png"
-
-
-def plot_gates(panels: Sequence[Tuple[str, np.ndarray]], path: str,
-               sparsity: Optional[float] = 0.5) -> str:
-    """Heat maps of gate arrays [layers, kv_heads], one panel per (title, gates), side by side on
-    one colour scale [0, 1]; with `sparsity`, the heads that stream at it (RLKV's global rank
-    selection, `select_heads`) are marked with a dot. Written atomically to `path` (PNG)."""
-    # a Figure on the Agg canvas, not pyplot: no global backend switch (in a notebook, pyplot's
-    # inline figures keep working after this call)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from jaxkv.policies.rlkv import check_gates, select_heads
-
-    if not panels:
-        raise ValueError("panels: give at least one (title, gates) pair")
-    arrays = [(title, np.asarray(check_gates(g), np.float64)) for title, g in panels]
-    layers = max(a.shape[0] for _, a in arrays)
-    heads = sum(a.shape[1] for _, a in arrays)
-    fig = Figure(figsize=(2.0 + 0.22 * layers, 1.2 * len(arrays) + 0.25 * heads),
-                 layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(arrays), 1, squeeze=False)
-    im = None
-    for ax, (title, g) in zip(axes[:, 0], arrays):  # layers along x, KV heads along y
-        im = ax.imshow(g.T, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto",
-                       interpolation="nearest")
-        if sparsity is not None:
-            _, stream = select_heads(g, sparsity)
-            pts = [(l, h) for l, hs in enumerate(stream) for h in hs]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.scatter(xs, ys, s=8, c="white", marker="o", linewidths=0)
-        ax.set_title(title, fontsize=9)
-        ax.set_ylabel("KV head")
-        ax.set_yticks(range(g.shape[1]))
-        ax.set_xticks(range(0, g.shape[0], 5 if g.shape[0] > 10 else 1))
-    axes[-1, 0].set_xlabel("layer")
-    fig.colorbar(im, ax=list(axes[:, 0]), shrink=0.9, label="gate")
-    if sparsity is not None:
-        fig.suptitle(f"dots: heads streaming at sparsity {sparsity:g}", fontsize=8)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
 
 
 class GateCheckpoints:
@@ -277,7 +232,8 @@ def run_gate_training(name: str, cfg, out_dir: str, state: dict, mesh,
     ckpt.close()
     gates = np.asarray(state["gates"])
     save_gates(os.path.join(out_dir, GATES_FILE), gates, model=model)
-    plot_gates([(f"{name}, step {int(state['step'])}", gates)], os.path.join(out_dir, HEATMAP_FILE))
+    plot_gates([(f"{name}, step {int(state['step'])}", gates)], os.path.join(out_dir, HEATMAP_FILE),
+               sparsity=0.5)
     report = {"steps": int(state["step"]), "total_steps": cfg.steps, "seed": cfg.seed,
               **(extra_report or {}), **gate_stats(gates), "last": metrics}
     write_json_atomic(report, os.path.join(out_dir, REPORT_FILE), indent=1)

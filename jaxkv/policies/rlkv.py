@@ -237,41 +237,63 @@ def random_gates(layers: int, kv_heads: int, seed: int = 0) -> np.ndarray:
 
 
 def plot_gates(gates, path, title: Optional[str] = None, sparsity: Optional[float] = None) -> str:
-    """Heat map of gates [L, K] (layers down, KV heads across) written to `path` (PNG, PDF, ...
-    by extension). With `sparsity`, the streaming heads of that deployment are marked with x.
-    Uses the Agg canvas directly (no pyplot state). Returns the path."""
+    """Heat maps of gate arrays [layers, kv_heads] (layers across, KV heads down) on one colour
+    scale [0, 1], written atomically to `path` (PNG, PDF, ... by extension). `gates` is one array
+    (titled `title`) or a sequence of (title, gates) panels stacked on one figure, e.g. RLKV's and
+    DuoAttention's gates of one model. With `sparsity`, the heads that stream at it (the global
+    rank selection, `select_heads`) are boxed in red. Small arrays (<= 256 gates a panel)
+    print each gate's value. Draws on its own Agg canvas, not pyplot: a notebook's backend is left
+    alone. Returns the path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
-    arr = check_gates(gates)
-    layers, heads = arr.shape
-    fig = Figure(figsize=(1.2 + 0.45 * max(heads, 4), 1.0 + 0.35 * max(layers, 4)))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(arr, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto",
-                   interpolation="nearest")
-    fig.colorbar(im, ax=ax, label="gate alpha")
-    ax.set_xlabel("KV head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(heads))
-    ax.set_yticks(range(layers))
-    if layers * heads <= 256:
-        for (l, h), g in np.ndenumerate(arr):
-            ax.text(h, l, f"{g:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if g < 0.5 else "black")
+    if isinstance(gates, (list, tuple)) and gates and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) for p in gates):
+        panels = [(t, check_gates(g)) for t, g in gates]
+    elif isinstance(gates, (list, tuple)) and not gates:
+        raise ValueError("gates=[]: give a gate array or at least one (title, gates) panel")
+    else:
+        arr = check_gates(gates)
+        panels = [(title or f"gates ({arr.shape[0]} layers x {arr.shape[1]} KV heads)", arr)]
     if sparsity is not None:
-        _, stream = select_heads(_as_tuple(arr), check_sparsity(sparsity))
-        pts = [(h, l) for l, hs in enumerate(stream) for h in hs]
-        if pts:
-            xs, ys = zip(*pts)
-            ax.scatter(xs, ys, marker="x", s=60, c="red", label="streaming")
-            ax.legend(loc="upper right", fontsize=7)
-    ax.set_title(title or f"RLKV gates ({layers} layers x {heads} KV heads)")
-    fig.tight_layout()
+        sparsity = check_sparsity(sparsity)
+    layers = max(a.shape[0] for _, a in panels)
+    heads = sum(a.shape[1] for _, a in panels)
+    fig = Figure(figsize=(2.5 + 0.3 * max(layers, 4), 1.2 * len(panels) + 0.3 * max(heads, 3)),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    im = None
+    for ax, (name, g) in zip(axes, panels):
+        im = ax.imshow(g.T, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto",
+                       interpolation="nearest")
+        if g.size <= 256:
+            for (l, h), v in np.ndenumerate(g):
+                ax.text(l, h, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if v < 0.5 else "black")
+        if sparsity is not None:
+            _, stream = select_heads(_as_tuple(g), sparsity)
+            for l, hs in enumerate(stream):
+                for h in hs:
+                    ax.add_patch(Rectangle((l - 0.5, h - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel("KV head")
+        ax.set_yticks(range(g.shape[1]))
+        ax.set_xticks(range(0, g.shape[0], 5 if g.shape[0] > 10 else 1))
+    axes[-1].set_xlabel("layer")
+    fig.colorbar(im, ax=list(axes), shrink=0.9, label="gate")
+    if sparsity is not None:
+        fig.suptitle(f"red boxes: heads streaming at sparsity {sparsity:g}", fontsize=8)
     path = os.fspath(path)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"
     try:
-        fig.savefig(path)
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
     except (OSError, ValueError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise ValueError(f"path={path!r}: cannot write the plot ({e})") from None
     return path
 
