@@ -141,8 +141,11 @@ def test_config_validation():
         RLKVConfig(data=data, advantage_norm="whiten")
     with pytest.raises(ValueError, match="group_size=1"):
         RLKVConfig(data=data, group_size=1)
-    with pytest.raises(ValueError, match="microbatch=5: must divide the 128 sequences"):
-        RLKVConfig(data=data, microbatch=5)
+    for bad in (5, 0, -4, True, 2.0):
+        with pytest.raises(ValueError, match=f"microbatch={bad!r}: must be a positive divisor "
+                                             f"of the 128 sequences"):
+            RLKVConfig(data=data, microbatch=bad)
+    assert RLKVConfig(data=data).microbatch is None  # one pass over the batch, as DuoConfig
     tiny = load_config(os.path.join(ROOT, "configs/rlkv/tiny.py"))
     assert (tiny.group_size, tiny.beta, tiny.tau, tiny.learning_rate) == (4, 1e-3, 0.5, 1e-2)
     assert tiny.advantage_norm == "group" and (tiny.sink, tiny.window) == (4, 16)

@@ -160,7 +160,8 @@ class RLKVConfig:
     betas: Tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     steps: int = 185  # paper: 185 steps = 2 epochs over 3,000 problems
-    microbatch: int = 0  # sequences per gradient chunk (0: the whole batch); same result
+    microbatch: Optional[int] = None  # sequences per gradient pass (None: the whole batch);
+    # the passes' losses and gradients are summed, so the step is the same (as DuoConfig's)
     remat: bool = False  # recompute attention in the backward pass (T^2 memory -> per layer)
     # -- gated attention during training
     sink: int = 128
@@ -190,7 +191,7 @@ class RLKVConfig:
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size}: GRPO needs >= 2 completions per "
                              f"prompt (the group std)")
-        for name in ("sink", "microbatch", "rollout_chunk", "data_parallel"):
+        for name in ("sink", "rollout_chunk", "data_parallel"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}={v!r}: must be an integer >= 0")
@@ -218,9 +219,11 @@ class RLKVConfig:
         if not 0.0 <= self.gate_init <= 1.0:
             raise ValueError(f"gate_init={self.gate_init}: must lie in [0, 1]")
         n = self.batch_sequences
-        if self.microbatch and n % self.microbatch:
-            raise ValueError(f"microbatch={self.microbatch}: must divide the "
-                             f"{n} sequences of a step (prompts_per_step x group_size)")
+        m = self.microbatch
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1 or n % m):
+            raise ValueError(f"microbatch={m!r}: must be a positive divisor of the {n} "
+                             f"sequences of a step (prompts_per_step x group_size), or None for "
+                             f"one pass over them")
         if self.rollout_chunk and n % self.rollout_chunk:
             raise ValueError(f"rollout_chunk={self.rollout_chunk}: must divide the "
                              f"{n} sequences of a step (prompts_per_step x group_size)")
