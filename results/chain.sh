@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The sweeps behind the README's tables, one after the other, each resumable: rerun this script
+# and every sweep continues where it stopped (finished batches are in DIR/partial.json).
+# Runs from a pinned worktree (results/REF_COMMIT) so edits to the checkout do not change a
+# sweep half-way; results land here, in results/, which is tracked: commit them to keep them.
+#   nohup bash results/chain.sh > results/chain.log 2>&1 &
+set -uo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+ROOT="$(dirname "$HERE")"
+REF="${JAXKV_REF:-/work/ref}"
+if [ ! -d "$REF" ]; then
+  git -C "$ROOT" worktree add -q --detach "$REF" "$(cat "$HERE/REF_COMMIT" 2>/dev/null || echo HEAD)"
+fi
+git -C "$REF" rev-parse HEAD > "$HERE/REF_COMMIT"
+export JAXKV_CACHE_DIR="$HERE/cache"   # RDKV's calibration table travels with the results
+cd "$REF"
+
+sweep() {  # sweep NAME CONFIG [extra eval flags]
+  local name=$1 config=$2; shift 2
+  echo "== $(date -u +%FT%TZ) $name ($config)"
+  python -m train eval --config "$config" --out "$HERE/$name" "$@" > "$HERE/$name.log" 2>&1
+  echo "== $(date -u +%FT%TZ) $name exit $?"
+}
+
+# seed DST from SRC: SRC's records whose key DST's config asks for are the same work
+seed() {  # seed SRC DST CONFIG
+  python - "$HERE/$1" "$HERE/$2" "$3" <<'PY'
+import json, os, sys
+from jaxkv.eval import EvalConfig
+from train.config_loading import load_config
+src, dst, config = sys.argv[1:]
+cfg = load_config(config, expected=EvalConfig)
+path = os.path.join(src, "results.json")
+if not os.path.exists(path) or os.path.exists(os.path.join(dst, "results.json")):
+    sys.exit(0)
+recs = [r for r in json.load(open(path)) if r.get("task") in cfg.tasks
+        and r.get("method") in cfg.methods and r.get("budget") in tuple(cfg.budgets_for(r["method"]))]
+os.makedirs(dst, exist_ok=True)
+json.dump(recs, open(os.path.join(dst, "results.json"), "w"))
+print(f"seeded {dst} with {len(recs)} records of {src}")
+PY
+}
+
+sweep grkv_4k configs/eval_grkv.py
+seed grkv_4k smollm2_4k configs/eval_real.py
+ls "$JAXKV_CACHE_DIR"/rdkv/*.json > /dev/null 2>&1 ||  # RDKV's table, once (rdkv is in both below)
+  python -m train calibrate --model smollm2-135m-instruct > "$HERE/calibrate.log" 2>&1
+sweep smollm2_4k configs/eval_real.py
+sweep rdkv_4k configs/eval_rdkv.py
