@@ -144,6 +144,10 @@ def test_evaluate_records_files_and_resume(model, oracle, tmp_path, monkeypatch,
 
     table = ev.format_table(more)
     assert "running_sum" in table and "avg:reasoning" in table and "avg:retrieval" in table
+    assert table.splitlines()[0].endswith("needle survival")
+    rec = dict(more[0], needle_survival_mean=0.625)
+    assert ev.format_table([rec]).splitlines()[2].endswith("0.625")
+    assert ev.format_table([dict(rec, needle_survival_mean=None)]).splitlines()[2].endswith("-")
 
 
 def test_interrupted_run_resumes_from_its_last_batch(model, oracle, tmp_path, monkeypatch):

@@ -36,19 +36,23 @@ def load_results(out_dir) -> List[dict]:
 
 
 def format_table(records: Sequence[Mapping[str, Any]]) -> str:
-    """Plain-text table: task, length, method, budget, measured budget, accuracy [95% CI], n;
-    family averages follow when the records span several tasks."""
+    """Plain-text table: task, length, method, budget, measured budget, accuracy [95% CI], n,
+    needle survival (the mean share of answer x layer x KV head whose tokens all survived; "-"
+    where the task or cache does not say); family averages follow when the records span several tasks."""
     rows = list(records) + family_averages(records)
-    header = ("task", "length", "method", "budget", "measured", "accuracy [95% CI]", "n")
+    header = ("task", "length", "method", "budget", "measured", "accuracy [95% CI]", "n",
+              "needle survival")
     lines = [header]
     for r in rows:
         measured = r.get("measured_budget")
         length = r.get("length")
+        survival = r.get("needle_survival_mean")
         lines.append((
             str(r["task"]), "-" if length is None else str(length), str(r["method"]),
             f"{float(r['budget']):.3g}",
             "-" if measured is None else f"{float(measured):.4f}",
-            f"{r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", str(r["n"])))
+            f"{r['accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", str(r["n"]),
+            "-" if survival is None else f"{float(survival):.3f}"))
     widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
     text = []
     for j, line in enumerate(lines):
