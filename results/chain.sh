@@ -42,8 +42,8 @@ PY
 }
 
 sweep grkv_4k configs/eval_grkv.py
-seed grkv_4k smollm2_4k configs/eval_real.py
 ls "$JAXKV_CACHE_DIR"/rdkv/*.json > /dev/null 2>&1 ||  # RDKV's table, once (rdkv is in both below)
   python -m train calibrate --model smollm2-135m-instruct > "$HERE/calibrate.log" 2>&1
-sweep smollm2_4k configs/eval_real.py
 sweep rdkv_4k configs/eval_rdkv.py
+seed grkv_4k smollm2_4k configs/eval_real.py
+sweep smollm2_4k configs/eval_real.py
