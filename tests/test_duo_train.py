@@ -142,6 +142,19 @@ def test_smoke_two_steps_through_main(tmp_path, model_dir):
     assert [r["step"] for r in log] == [1, 2]
     assert all(np.isfinite(r["mse"]) and 0 <= r["sparsity"] <= 1 for r in log)
 
+    # a warm start: a new run from these gates (fresh optimiser); Adam's first step moves each
+    # gate by at most the learning rate (0.02)
+    warm = tmp_path / "warm"
+    assert main(["duo", "--config", str(cfg_file), "--out", str(warm), "--max-steps", "1",
+                 "--init-gates", str(out / "gates.json"), "--no-progress"]) == 0
+    g1 = np.array(json.load(open(warm / "gates.json"))["gates"])
+    assert np.abs(g1 - g).max() <= 0.02 + 1e-6 and not np.allclose(g1, g)
+    assert json.load(open(warm / "config.json"))["gate_init"] == str(out / "gates.json")
+    for bad, match in ((str(tmp_path / "none.json"), "no such gate file"), (1.5, "gate_init=1.5"),
+                       (True, "gate_init=True")):
+        with pytest.raises(ValueError, match=match):
+            _test_config(model_dir).replace(gate_init=bad)
+
 
 def test_resume_continues_the_same_trajectory(tmp_path, model_dir):
     cfg = _test_config(model_dir)

@@ -146,6 +146,10 @@ def test_config_validation():
                                              f"of the 128 sequences"):
             RLKVConfig(data=data, microbatch=bad)
     assert RLKVConfig(data=data).microbatch is None  # one pass over the batch, as DuoConfig
+    with pytest.raises(ValueError, match="gate_init='nowhere.json': no such gate file"):
+        RLKVConfig(data=data, gate_init="nowhere.json")
+    with pytest.raises(ValueError, match="gate_init=-0.5"):
+        RLKVConfig(data=data, gate_init=-0.5)
     tiny = load_config(os.path.join(ROOT, "configs/rlkv/tiny.py"))
     assert (tiny.group_size, tiny.beta, tiny.tau, tiny.learning_rate) == (4, 1e-3, 0.5, 1e-2)
     assert tiny.advantage_norm == "group" and (tiny.sink, tiny.window) == (4, 16)
@@ -232,6 +236,14 @@ def test_step_trains_only_the_gates(model_dir):
     # or a scalar (the step count); no model parameter is in it
     shapes = {tuple(np.shape(x)) for x in jax.tree_util.tree_leaves(state["opt_state"])}
     assert shapes <= {(2, 2), ()}, shapes
+    np.testing.assert_array_equal(np.asarray(state["gates"]), 1.0)
+    # a warm start from a gate file of this model: the gates are the file's, the optimiser fresh
+    from jaxkv.policies.rlkv import save_gates
+    warm_file = save_gates(os.path.join(os.path.dirname(model_dir), "warm.json"),
+                           np.array([[0.25, 1.0], [0.5, 0.75]]), model)
+    warm = RLKVTrainer(cfg.replace(gate_init=warm_file), model, reward_fn=parity_reward)
+    np.testing.assert_array_equal(np.asarray(warm.init_state()["gates"]),
+                                  [[0.25, 1.0], [0.5, 0.75]])
     before = jax.tree_util.tree_map(np.asarray, model.params)
     items = cfg.data.pool(4, seed=0, model=model)
     state, metrics = trainer.step(state, items)

@@ -73,6 +73,10 @@ def main(argv=None) -> int:
                             "steps resumes from its last checkpoint and goes on)")
         g.add_argument("--model", default=None,
                        help="override the config's model (local HF-style folder or 'embedded')")
+        g.add_argument("--init-gates", default=None, metavar="GATE_FILE",
+                       help="start a new run from these gates (e.g. jaxkv's shipped ones or an "
+                            "earlier run's gates.json) instead of the config's gate_init; a "
+                            "run folder with a checkpoint resumes from it instead")
         g.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("eval", help="methods x budgets x tasks x lengths -> results.json + plot")
@@ -132,6 +136,8 @@ def main(argv=None) -> int:
             cfg = cfg.replace(model=args.model)
         if args.steps is not None:
             cfg = cfg.replace(steps=args.steps)  # validated by the config (a positive integer)
+        if args.init_gates is not None:
+            cfg = cfg.replace(gate_init=args.init_gates)  # validated: an existing gate file
         if args.command == "rlkv":
             from train.rlkv import train_rlkv
             train_rlkv(cfg, args.out, max_steps=args.max_steps, progress=not args.no_progress)

@@ -40,10 +40,10 @@ from jaxkv.checks import check_int
 from jaxkv.embedded import load_model
 from jaxkv.model.config import ModelConfig
 from jaxkv.model.decoder import Decoder
-from jaxkv.model.gated import gate_stats, init_gates, mixed_attention_fn
+from jaxkv.model.gated import gate_stats, mixed_attention_fn
 from jaxkv.sharding import data_mesh as make_data_mesh
 from jaxkv.sharding import put_batch, replicate
-from train.gate_run import run_gate_training, write_config
+from train.gate_run import check_gate_init, initial_gates, run_gate_training, write_config
 from train.grpo import gate_update_fn, make_gate_optimizer
 from train.pretrain import TaskMix
 
@@ -91,7 +91,7 @@ class DuoConfig:
     betas: Tuple[float, float] = (0.9, 0.999)
     grad_clip: Optional[float] = None
     steps: int = 2000
-    gate_init: float = 1.0
+    gate_init: Union[float, str] = 1.0  # every gate's start, or a gate file to start from
     remat: bool = False  # jax.checkpoint each layer's attention (no saving on XLA:CPU)
     microbatch: Optional[int] = None  # sequences per gradient pass (None: the whole batch)
     data_parallel: int = 1
@@ -137,8 +137,7 @@ class DuoConfig:
             raise ValueError(f"reg={self.reg}, weight_decay={self.weight_decay}: must be >= 0")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip={self.grad_clip}: > 0, or None for no clipping")
-        if not 0.0 <= self.gate_init <= 1.0:
-            raise ValueError(f"gate_init={self.gate_init}: must lie in [0, 1]")
+        check_gate_init(self.gate_init)
 
     @property
     def text(self) -> bool:
@@ -263,7 +262,7 @@ def train_duo(cfg: DuoConfig, out_dir: str, max_steps: Optional[int] = None,
     write_config(out_dir, cfg)
     optimizer = make_gate_optimizer(cfg.learning_rate, cfg.weight_decay, cfg.betas,
                                     cfg.grad_clip)
-    gates = replicate(init_gates(model.config, cfg.gate_init), mesh)
+    gates = replicate(initial_gates(model, cfg.gate_init), mesh)
     state = {"gates": gates, "opt_state": optimizer.init(gates), "step": np.array(0, np.int64),
              "rng": np.asarray(jax.random.PRNGKey(cfg.seed))}  # unused: kept for one format
     return run_gate_training(

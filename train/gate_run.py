@@ -25,6 +25,30 @@ REPORT_FILE = "report.json"
 HEATMAP_FILE = "gates.png"
 
 
+def check_gate_init(value, name: str = "gate_init"):
+    """A config's `gate_init`: a number in [0, 1] (every gate starts there) or the path of a gate
+    file (`save_gates` / a run's gates.json) to start from (a warm start: the optimiser state
+    starts fresh). Returns it; ValueError naming it otherwise."""
+    if isinstance(value, (str, os.PathLike)):
+        if not os.path.isfile(value):
+            raise ValueError(f"{name}={os.fspath(value)!r}: no such gate file (give a number in "
+                             f"[0, 1] or the path of a gate file)")
+        return os.fspath(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={value!r}: a number in [0, 1] or the path of a gate file")
+    return value
+
+
+def initial_gates(model, gate_init) -> jax.Array:
+    """[L, K] float32 starting gates: all `gate_init`, or the gates of the file it names (which
+    must fit `model`'s shape and have been trained on it, `load_gates`)."""
+    from jaxkv.model.gated import init_gates
+    from jaxkv.policies.rlkv import load_gates
+    if isinstance(gate_init, str):
+        return jnp.asarray(load_gates(gate_init, model), jnp.float32)
+    return init_gates(model.config, gate_init)
+
+
 class GateCheckpoints:
     """Orbax checkpoints of {"gates", "opt_state", "step", "rng"} in `directory` (the last 2)."""
 

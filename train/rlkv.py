@@ -72,7 +72,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +80,7 @@ import numpy as np
 
 from jaxkv.embedded import load_model
 from jaxkv.jsonio import write_json_atomic
-from jaxkv.model.gated import gate_stats, init_gates
+from jaxkv.model.gated import gate_stats
 from jaxkv.sharding import data_mesh as make_data_mesh
 from jaxkv.sharding import put_batch, replicate
 from train.gate_run import (
@@ -89,7 +89,9 @@ from train.gate_run import (
     REPORT_FILE,
     GateCheckpoints,
     append_log,
+    check_gate_init,
     config_record,
+    initial_gates,
     read_log,
     run_gate_training,
     trim_log,
@@ -166,7 +168,7 @@ class RLKVConfig:
     # -- gated attention during training
     sink: int = 128
     window: int = 256
-    gate_init: float = 1.0
+    gate_init: Union[float, str] = 1.0  # every gate's start, or a gate file to start from
     # -- self-distillation data
     pool_size: int = 6000  # problems the full model tries (greedy)
     train_size: int = 3000  # paper 3,000
@@ -216,8 +218,7 @@ class RLKVConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas={self.betas!r}: two numbers in [0, 1)")
-        if not 0.0 <= self.gate_init <= 1.0:
-            raise ValueError(f"gate_init={self.gate_init}: must lie in [0, 1]")
+        check_gate_init(self.gate_init)
         n = self.batch_sequences
         m = self.microbatch
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1 or n % m):
@@ -309,7 +310,7 @@ class RLKVTrainer:
                                              cfg.grad_clip)
 
     def init_state(self) -> dict:
-        gates = replicate(init_gates(self.model.config, self.cfg.gate_init), self.mesh)
+        gates = replicate(initial_gates(self.model, self.cfg.gate_init), self.mesh)
         return {"gates": gates, "opt_state": self.optimizer.init(gates),
                 "step": np.array(0, np.int64), "rng": np.asarray(jax.random.PRNGKey(self.cfg.seed))}
 
