@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaxkv.policies.rlkv import load_gates, shipped_gate_file
-from jaxkv.policies.rlkv import plot_gates
+from jaxkv.policies.rlkv import load_gates, plot_gates, shipped_gate_file
 
 TITLES = {"rlkv": "RLKV (GRPO)", "duo": "DuoAttention (distillation)"}
 

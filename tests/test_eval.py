@@ -467,3 +467,47 @@ def test_a_changed_policy_is_recomputed(model, tmp_path):
     assert calls == [2]  # both: full's stale batch dropped, snapkv's record without a policy
     assert [r["policy"] for r in third] == [r["policy"] for r in first]
     assert third[0]["correct"] == first[0]["correct"]
+
+
+def test_markdown_tables_of_records_and_pairs(tmp_path, capsys):
+    """README tables from records: a row per (method, budget), a column per task and the mean;
+    paired rows bold where the interval is above zero; the results_table script prints both, the
+    finished batches of a running sweep marked as partial."""
+    rec = lambda task, method, budget, acc, surv: dict(
+        task=task, length=4096, method=method, budget=budget, accuracy=acc, ci_low=acc / 2,
+        ci_high=1.0, n=4, needle_survival_mean=surv, measured_budget=budget,
+        correct=[1.0] * int(4 * acc) + [0.0] * (4 - int(4 * acc)))
+    records = [rec("passkey", "full", 1.0, 1.0, 1.0), rec("vt", "full", 1.0, 0.5, None),
+               rec("passkey", "grkv", 0.1, 0.75, 0.625), rec("vt", "grkv", 0.1, 0.25, None),
+               rec("passkey", "snapkv", 0.1, 0.0, 0.25)]
+    grid = ev.markdown_grid(records).splitlines()
+    assert grid[0] == "| method | budget | passkey | vt | mean |"
+    assert grid[2] == "| full | 1 | 1.000 | 0.500 | 0.750 |"
+    assert grid[3] == "| grkv | 0.1 | 0.750 | 0.250 | 0.500 |"
+    assert grid[4] == "| snapkv | 0.1 | 0.000 | - | - |"  # no vt record: no mean
+    surv = ev.markdown_grid(records, "needle_survival_mean").splitlines()
+    assert surv[3] == "| grkv | 0.1 | 0.625 | - | - |"
+    assert "[0.38, 1.00]" in ev.markdown_grid(records, interval=True).splitlines()[3]
+    with pytest.raises(ValueError, match="value='bytes'"):
+        ev.markdown_grid(records, "bytes")
+    rows = [dict(task="passkey", length=4096, budget=0.1, a="grkv", b="snapkv", diff=0.75,
+                 lo=0.5, hi=1.0), dict(task="all", length=None, budget=0.1, a="grkv",
+                                        b="snapkv", diff=0.1, lo=-0.05, hi=0.25)]
+    paired = ev.markdown_paired(rows).splitlines()
+    assert paired[0] == "| A - B | budget | passkey @ 4096 | all |"
+    assert paired[2] == "| grkv - snapkv | 0.1 | **+0.75 [+0.50, +1.00]** | +0.10 [-0.05, +0.25] |"
+
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "results_table", os.path.join(root, "benchmarks", "results_table.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "results.json").write_text(json.dumps(records))
+    key = json.dumps(["vt", 4096, "snapkv", 0.1, 50])
+    (tmp_path / "partial.json").write_text(json.dumps({key: {"0": dict(
+        scores=[1, 0], needle_survival=[None, None], cache_bytes=10.0, full_bytes=100.0)}}))
+    script.main([str(tmp_path), "--partial", "--values", "accuracy", "--pairs", "grkv:snapkv"])
+    out = capsys.readouterr().out
+    assert "| snapkv (partial) | 0.1 | - | 0.500 | - |" in out
+    assert "| grkv - snapkv | 0.1 | **+0.75" in out  # recomputed from the records' scores

@@ -15,13 +15,14 @@ bootstrap, family averages), `report` (results.json, the plot, tables, paired co
 from jaxkv.eval.config import FULL, EvalConfig, split_method
 from jaxkv.eval.prompts import PromptSet, prompt_set, task_suite
 from jaxkv.eval.report import (PAIRED_FILE, PLOT_FILE, RESULTS_FILE, format_paired, format_table,
-                               load_results, paired_comparisons, plot_accuracy_vs_budget,
+                               load_results, markdown_grid, markdown_paired,
+                               paired_comparisons, plot_accuracy_vs_budget,
                                write_json, write_results)
 from jaxkv.eval.runner import PARTIAL_FILE, evaluate, model_identity, record_key
 from jaxkv.eval.stats import family_averages, paired_bootstrap, wilson_interval
 
 __all__ = ["EvalConfig", "split_method", "evaluate", "paired_bootstrap", "wilson_interval", "write_results",
            "load_results", "format_table", "family_averages", "plot_accuracy_vs_budget",
-           "record_key", "paired_comparisons", "format_paired", "write_json", "prompt_set",
+           "record_key", "paired_comparisons", "format_paired", "markdown_grid", "markdown_paired", "write_json", "prompt_set",
            "task_suite", "PromptSet", "model_identity", "FULL", "RESULTS_FILE", "PLOT_FILE",
            "PAIRED_FILE", "PARTIAL_FILE"]

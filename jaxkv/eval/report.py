@@ -182,6 +182,68 @@ def format_paired(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+MARKDOWN_VALUES = ("accuracy", "needle_survival_mean", "measured_budget")
+
+
+def markdown_grid(records: Sequence[Mapping[str, Any]], value: str = "accuracy",
+                  interval: bool = False) -> str:
+    """A Markdown table of one field of the records: a row per (method, budget) in the records'
+    order, a column per task (and length, where there are several), and "mean" (over the row's
+    tasks) when there are several. `value`: "accuracy" (with `interval`, its Wilson interval),
+    "needle_survival_mean" or "measured_budget"; "-" where a record lacks it."""
+    if value not in MARKDOWN_VALUES:
+        raise ValueError(f"value={value!r}: allowed are {', '.join(MARKDOWN_VALUES)}")
+    recs = [r for r in records if "task" in r]
+    lengths = {r.get("length") for r in recs}
+    column = (lambda r: r["task"]) if len(lengths) <= 1 else (
+        lambda r: f"{r['task']} @ {r.get('length')}")
+    cols = list(dict.fromkeys(column(r) for r in recs))
+    rows: dict = {}
+    for r in recs:
+        rows.setdefault((r["method"], r["budget"]), {})[column(r)] = r
+
+    def cell(r) -> str:
+        v = None if r is None else r.get(value)
+        if v is None:
+            return "-"
+        text = f"{float(v):.3f}" if value != "measured_budget" else f"{float(v):.4f}"
+        if interval and value == "accuracy" and "ci_low" in r:
+            text += f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+        return text
+
+    head = ["method", "budget"] + cols + (["mean"] if len(cols) > 1 else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (method, budget), by_col in rows.items():
+        cells = [cell(by_col.get(c)) for c in cols]
+        if len(cols) > 1:
+            vals = [by_col[c].get(value) for c in cols if c in by_col]
+            vals = [float(v) for v in vals if v is not None]
+            cells.append(f"{np.mean(vals):.3f}" if len(vals) == len(cols) else "-")
+        lines.append("| " + " | ".join([method, f"{float(budget):g}"] + cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_paired(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The paired comparisons (`paired_comparisons`) as a Markdown table: a row per (A - B,
+    budget), a column per task (and "all"), cells "diff [lo, hi]", in bold where the 95%
+    interval lies above zero."""
+    tasks = list(dict.fromkeys(r["task"] if r.get("length") is None or r["task"] == "all"
+                               else f"{r['task']} @ {r['length']}" for r in rows))
+    table: dict = {}
+    for r in rows:
+        col = r["task"] if r.get("length") is None or r["task"] == "all" \
+            else f"{r['task']} @ {r['length']}"
+        text = f"{r['diff']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}]"
+        table.setdefault((f"{r['a']} - {r['b']}", r["budget"]), {})[col] = \
+            f"**{text}**" if r["lo"] > 0 else text
+    head = ["A - B", "budget"] + tasks
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (pair, budget), cells in table.items():
+        lines.append("| " + " | ".join([pair, f"{float(budget):g}"]
+                                       + [cells.get(t, "-") for t in tasks]) + " |")
+    return "\n".join(lines)
+
+
 def write_results(records: Sequence[Mapping[str, Any]], out_dir,
                   plot_records: Optional[Sequence[Mapping[str, Any]]] = None) -> None:
     """Write out_dir/results.json (atomically: temp file + os.replace) and
@@ -196,5 +258,5 @@ def write_results(records: Sequence[Mapping[str, Any]], out_dir,
 
 
 __all__ = ["load_results", "write_results", "format_table", "plot_accuracy_vs_budget",
-           "paired_comparisons", "format_paired", "write_json", "RESULTS_FILE", "PLOT_FILE",
+           "paired_comparisons", "format_paired", "markdown_grid", "markdown_paired", "write_json", "RESULTS_FILE", "PLOT_FILE",
            "PAIRED_FILE"]
