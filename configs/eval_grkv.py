@@ -1,7 +1,7 @@
 """GRKV against its retention and the merging baselines on SmolLM2-135M-Instruct (float32): five
 RULER tasks at 4K tokens, 10% and 20% of the cache, 50 prompts per point, greedy, plain prompts.
 
-    python -m train eval --config configs/eval_grkv.py --out runs/grkv_4k
+    python -m train eval --config configs/eval_grkv.py --out results/grkv_4k
 
 GRKV retains whole spans of 10 tokens per head (its default) before the ridge step, so it is
 paired with Critical-AdaKV as its authors define it (token level) and with Critical-AdaKV in the
@@ -12,9 +12,8 @@ values change. New tokens: 16 for passkey and the single-answer NIAH tasks (a 7-
 number fits in 9), 48 for niah_multivalue's four numbers, RULER's 30 for vt.
 
 The records of configs/eval_real.py's sweep with the same key (task, length, method, budget,
-prompts, model, dtype, batch size, new tokens, settings) are the same work: copying
-runs/smollm2_4k/partial.json's entries into runs/grkv_4k/partial.json before a run lets it reuse
-them (`runs/chain9.sh` does).
+prompts, model, dtype, batch size, new tokens, settings) are the same work: `results/chain.sh`
+seeds one sweep's results.json with the other's matching records, so neither recomputes them.
 """
 from jaxkv.eval import EvalConfig
 

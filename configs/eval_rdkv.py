@@ -4,7 +4,7 @@ dense cache's bytes (the fixed-width methods, KIVI-2/4 and int8, take their own 
 budget: one record per budget, the same bytes).
 
     python -m train calibrate --model smollm2-135m-instruct   # RDKV's table (K over 32-token groups)
-    python -m train eval --config configs/eval_rdkv.py --out runs/rdkv_4k
+    python -m train eval --config configs/eval_rdkv.py --out results/rdkv_4k
 
 The model is loaded in bfloat16 (`dtype`): the dense cache, hence every budget, is in bfloat16
 bytes, and RDKV's 16-bit tier is the cache dtype. RDKV runs its defaults (observation window 32,

@@ -6,7 +6,7 @@ answer (a 7-digit number) fits in 9 tokens; RULER's 128 would only lengthen the 
 after it.
 
     python -m train calibrate --model smollm2-135m-instruct      # RDKV's table, once per model
-    python -m train eval --model smollm2-135m-instruct --out runs/smollm2_4k
+    python -m train eval --model smollm2-135m-instruct --out results/smollm2_4k
 
 Methods with trained gates (rlkv, duo) join with `--methods ...,rlkv` once gates exist for the
 model. Settings are the methods' published defaults (observation window 32, pooling kernel 5,
