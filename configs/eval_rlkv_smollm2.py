@@ -1,9 +1,9 @@
 """RLKV against DuoAttention and the head-level and decode-time baselines on SmolLM2-135M-Instruct,
 at equal cache bytes (issue: RLKV and DuoAttention gates for the real model).
 
-    python -m train eval --config configs/eval_rlkv_smollm2.py --out runs/rlkv_eval_1k
+    python -m train eval --config configs/eval_rlkv_smollm2.py --out results/rlkv_eval_1k
     python -m train eval --config configs/eval_rlkv_smollm2.py --tasks passkey,niah_multikey_1 \
-        --no-chat --out runs/rlkv_eval_1k_retrieval
+        --no-chat --out results/rlkv_eval_1k_retrieval
 
 The generation task is `copy_list` (5 numbers, in the chat template, where the model copies at
 0.875 with its full cache and 0.125 with every head streaming); the retrieval tasks (passkey,

@@ -1,7 +1,7 @@
 """DuoAttention on SmolLM2-135M-Instruct (30 layers x 3 KV heads = 90 gates), on CPU: the
 baseline RLKV is compared with (configs/rlkv/smollm2.py trains RLKV's gates on the same model).
 
-    python -m train duo --model smollm2-135m-instruct --config configs/duo/smollm2.py --out runs/duo_smollm2
+    python -m train duo --model smollm2-135m-instruct --config configs/duo/smollm2.py --out results/duo_smollm2
 
 From DuoAttention (docs/methods.md): gates initialised to 1 and clipped into [0, 1], loss = MSE
 of the final hidden states at the answer positions (mixed model against the full one, every query

@@ -1,6 +1,6 @@
 """RLKV on SmolLM2-135M-Instruct (30 layers x 3 KV heads = 90 gates), on CPU.
 
-    python -m train rlkv --model smollm2-135m-instruct --config configs/rlkv/smollm2.py --out runs/rlkv_smollm2
+    python -m train rlkv --model smollm2-135m-instruct --config configs/rlkv/smollm2.py --out results/rlkv_smollm2
 
 The task (`copy_list`, jaxkv.tasks.text): a list of 3 to 8 four-digit numbers hidden at a random
 depth of 1K tokens of English text (Python's documentation), to be repeated in order, in the
