@@ -42,6 +42,17 @@ PY
 }
 
 sweep grkv_4k configs/eval_grkv.py
+
+# jaxkv against kvpress on the same prompts at 4K (issue 24's cross-check); kvpress in its own
+# venv (it pins its own transformers), both sides at once, one thread each
+KVP=/work/venvs/kvpress/bin/python
+[ -x "$KVP" ] || { python -m venv /work/venvs/kvpress && /work/venvs/kvpress/bin/pip install -q \
+  torch==2.13.0 transformers==5.2.0 accelerate kvpress==0.5.5 gguf numpy > "$HERE/kvpress_venv.log" 2>&1; }
+echo "== $(date -u +%FT%TZ) kvpress_4k"
+python benchmarks/kvpress_compare.py --length 4096 --n 10 --tasks passkey,niah_single_2 \
+  --budgets 0.1,0.2 --max-new-tokens 16 --extras expected_attention --parallel \
+  --kvpress-python "$KVP" --out "$HERE/kvpress_4k" > "$HERE/kvpress_4k.log" 2>&1
+echo "== $(date -u +%FT%TZ) kvpress_4k exit $?"
 ls "$JAXKV_CACHE_DIR"/rdkv/*.json > /dev/null 2>&1 ||  # RDKV's table, once (rdkv is in both below)
   python -m train calibrate --model smollm2-135m-instruct > "$HERE/calibrate.log" 2>&1
 sweep rdkv_4k configs/eval_rdkv.py
