@@ -7,7 +7,7 @@ comparisons of the folder's paired.json (or of --pairs).
     python benchmarks/results_table.py results/grkv_4k --pairs grkv:critical_adakv grkv:cam
 
 Records come from DIR/results.json; with --partial, the finished batches of DIR/partial.json of
-a sweep still running are shown too (marked: n counts only those batches).
+a sweep still running are shown too, marked * (over those batches only).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def partial_records(out_dir: str) -> list:
             survival += [s for s in part.get("needle_survival") or [] if s is not None]
             cache, full = cache + part["cache_bytes"], full + part["full_bytes"]
         if scores:
-            out.append(dict(task=task, length=length, method=f"{method} (partial)", budget=budget,
+            out.append(dict(task=task, length=length, method=method, budget=budget, partial=True,
                             n=len(scores), accuracy=sum(scores) / len(scores),
                             needle_survival_mean=sum(survival) / len(survival) if survival
                             else None, measured_budget=cache / full if full else None))
@@ -58,6 +58,8 @@ def main(argv=None):
         raise SystemExit(f"{args.folder}: not a folder")
     records = load_results(args.folder)
     shown = records + (partial_records(args.folder) if args.partial else [])
+    if any(r.get("partial") for r in shown):
+        print("* over the finished batches of a sweep still running")
     for value in args.values:
         print(f"\n{value}:\n")
         print(markdown_grid(shown, value, interval=args.interval))

@@ -190,7 +190,8 @@ def markdown_grid(records: Sequence[Mapping[str, Any]], value: str = "accuracy",
     """A Markdown table of one field of the records: a row per (method, budget) in the records'
     order, a column per task (and length, where there are several), and "mean" (over the row's
     tasks) when there are several. `value`: "accuracy" (with `interval`, its Wilson interval),
-    "needle_survival_mean" or "measured_budget"; "-" where a record lacks it."""
+    "needle_survival_mean" or "measured_budget"; "-" where a record lacks it; a record with
+    `partial` set (a sweep's unfinished record) is marked *."""
     if value not in MARKDOWN_VALUES:
         raise ValueError(f"value={value!r}: allowed are {', '.join(MARKDOWN_VALUES)}")
     recs = [r for r in records if "task" in r]
@@ -209,7 +210,7 @@ def markdown_grid(records: Sequence[Mapping[str, Any]], value: str = "accuracy",
         text = f"{float(v):.3f}" if value != "measured_budget" else f"{float(v):.4f}"
         if interval and value == "accuracy" and "ci_low" in r:
             text += f" [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
-        return text
+        return text + ("*" if r.get("partial") else "")
 
     head = ["method", "budget"] + cols + (["mean"] if len(cols) > 1 else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
