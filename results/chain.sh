@@ -56,5 +56,8 @@ echo "== $(date -u +%FT%TZ) kvpress_4k exit $?"
 ls "$JAXKV_CACHE_DIR"/rdkv/*.json > /dev/null 2>&1 ||  # RDKV's table, once (rdkv is in both below)
   python -m train calibrate --model smollm2-135m-instruct > "$HERE/calibrate.log" 2>&1
 sweep rdkv_4k configs/eval_rdkv.py
+[ -f "$HERE/rdkv_bench_8k.json" ] || python benchmarks/rdkv.py --model smollm2-135m-instruct \
+  --dtype bfloat16 --context 8192 --memory-layers --out "$HERE/rdkv_bench_8k.json" \
+  > "$HERE/rdkv_bench_8k.log" 2>&1
 seed grkv_4k smollm2_4k configs/eval_real.py
 sweep smollm2_4k configs/eval_real.py
