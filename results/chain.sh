@@ -61,3 +61,13 @@ sweep rdkv_4k configs/eval_rdkv.py
   > "$HERE/rdkv_bench_8k.log" 2>&1
 seed grkv_4k smollm2_4k configs/eval_real.py
 sweep smollm2_4k configs/eval_real.py
+
+# issue 25: RLKV's gates for SmolLM2 go on from the shipped ones (the first run's checkpoints were
+# lost with its machine: a warm start, fresh optimiser, 96 more steps), then DuoAttention's
+echo "== $(date -u +%FT%TZ) rlkv_smollm2"
+python -m train rlkv --model smollm2-135m-instruct --config configs/rlkv/smollm2.py \
+  --out "$HERE/rlkv_smollm2" --steps 96 \
+  --init-gates jaxkv/assets/gates/smollm2-135m-instruct/gates_rlkv.json > "$HERE/rlkv_smollm2.log" 2>&1
+echo "== $(date -u +%FT%TZ) duo_smollm2"
+python -m train duo --model smollm2-135m-instruct --config configs/duo/smollm2.py \
+  --out "$HERE/duo_smollm2" > "$HERE/duo_smollm2.log" 2>&1
