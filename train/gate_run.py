@@ -8,7 +8,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,7 @@ def initial_gates(model, gate_init) -> jax.Array:
     must fit `model`'s shape and have been trained on it, `load_gates`)."""
     from jaxkv.model.gated import init_gates
     from jaxkv.policies.rlkv import load_gates
-    if isinstance(gate_init, str):
+    if isinstance(gate_init, (str, os.PathLike)):  # the types check_gate_init takes for a file
         return jnp.asarray(load_gates(gate_init, model), jnp.float32)
     return init_gates(model.config, gate_init)
 

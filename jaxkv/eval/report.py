@@ -228,12 +228,12 @@ def markdown_paired(rows: Sequence[Mapping[str, Any]]) -> str:
     """The paired comparisons (`paired_comparisons`) as a Markdown table: a row per (A - B,
     budget), a column per task (and "all"), cells "diff [lo, hi]", in bold where the 95%
     interval lies above zero."""
-    tasks = list(dict.fromkeys(r["task"] if r.get("length") is None or r["task"] == "all"
-                               else f"{r['task']} @ {r['length']}" for r in rows))
+    column = lambda r: r["task"] if r.get("length") is None or r["task"] == "all" \
+        else f"{r['task']} @ {r['length']}"
+    tasks = list(dict.fromkeys(column(r) for r in rows))
     table: dict = {}
     for r in rows:
-        col = r["task"] if r.get("length") is None or r["task"] == "all" \
-            else f"{r['task']} @ {r['length']}"
+        col = column(r)
         text = f"{r['diff']:+.2f} [{r['lo']:+.2f}, {r['hi']:+.2f}]"
         table.setdefault((f"{r['a']} - {r['b']}", r["budget"]), {})[col] = \
             f"**{text}**" if r["lo"] > 0 else text
