@@ -8,8 +8,11 @@ set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(dirname "$HERE")"
 REF="${JAXKV_REF:-/work/ref}"
+PIN="$(cat "$HERE/REF_COMMIT" 2>/dev/null || echo HEAD)"
 if [ ! -d "$REF" ]; then
-  git -C "$ROOT" worktree add -q --detach "$REF" "$(cat "$HERE/REF_COMMIT" 2>/dev/null || echo HEAD)"
+  git -C "$ROOT" worktree add -q --detach "$REF" "$PIN"
+else  # a worktree left by an earlier run may sit at an older commit: move it to the pin
+  git -C "$REF" checkout -q --detach "$PIN"
 fi
 git -C "$REF" rev-parse HEAD > "$HERE/REF_COMMIT"
 export JAXKV_CACHE_DIR="$HERE/cache"   # RDKV's calibration table travels with the results
@@ -56,6 +59,8 @@ echo "== $(date -u +%FT%TZ) kvpress_4k exit $?"
 ls "$JAXKV_CACHE_DIR"/rdkv/*.json > /dev/null 2>&1 ||  # RDKV's table, once (rdkv is in both below)
   python -m train calibrate --model smollm2-135m-instruct > "$HERE/calibrate.log" 2>&1
 sweep rdkv_4k configs/eval_rdkv.py
+seed rdkv_4k rdkv_split_4k configs/eval_rdkv_split.py   # the default's records are rdkv_4k's
+sweep rdkv_split_4k configs/eval_rdkv_split.py
 [ -f "$HERE/rdkv_bench_8k.json" ] || python benchmarks/rdkv.py --model smollm2-135m-instruct \
   --dtype bfloat16 --context 8192 --memory-layers --out "$HERE/rdkv_bench_8k.json" \
   > "$HERE/rdkv_bench_8k.log" 2>&1

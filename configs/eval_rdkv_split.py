@@ -1,0 +1,30 @@
+"""RDKV's allocation choices on the real model: the K/V split r (`k_share`, the share of each
+head's bytes that K gets; 0.5 is the default) and one water level across the heads of a layer
+(`water="layer"`, classical reverse water-filling) against one allocation per KV head (the
+default), on SmolLM2-135M-Instruct in bfloat16 at 4K tokens, at the two budgets where the
+quantisation baselines separate (5% and 10% of the dense bfloat16 cache), on the two tasks the
+model answers only in part with its full cache (a needle in English text, one of several keys).
+
+    python -m train eval --config configs/eval_rdkv_split.py --out results/rdkv_split_4k
+
+Every setting is paired with the default (`rdkv`), on the same prompts. The default's records
+are configs/eval_rdkv.py's (the same key): `results/chain.sh` seeds this sweep with them.
+"""
+from jaxkv.eval import EvalConfig
+
+VARIANTS = ("rdkv[k_share=0.3]", "rdkv[k_share=0.7]", "rdkv[water=layer]")
+
+CONFIG = EvalConfig(
+    methods=("rdkv",) + VARIANTS,
+    budgets=(0.05, 0.1),
+    tasks=("niah_single_2", "niah_multikey_1"),
+    lengths=(4096,),
+    n_samples=50,
+    task_settings={"niah_single_2": {"max_new_tokens": 16},
+                   "niah_multikey_1": {"max_new_tokens": 16}},
+    batch_size=8,
+    seed=0,
+    model="smollm2-135m-instruct",
+    dtype="bfloat16",
+    pairs=tuple((v, "rdkv") for v in VARIANTS),
+)
