@@ -29,8 +29,8 @@ CONFIG = EvalConfig(
     seed=0,
     model="smollm2-135m-instruct",
     pairs=(("grkv", "critical_adakv"), ("rdkv", "kivi2"), ("critical_adakv", "snapkv")),
-    # 39 method x budget jobs: in two groups, one prefill each per batch (a second prefill of 8
-    # prompts, ~3 min on two cores); all 39 after one prefill kept ~20 GB of compiled programs
-    # alive on XLA:CPU and was killed for memory (24 GB machine)
+    # 39 method x budget jobs in two groups, each group's compiled programs freed before the
+    # next (all 39 at once kept ~20 GB of them alive on XLA:CPU and was killed for memory on a
+    # 24 GB machine); the groups share one prefill per batch, stored on disk in between
     methods_per_prefill=20,
 )

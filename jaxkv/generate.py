@@ -7,6 +7,8 @@ import dataclasses
 import functools
 import math
 import numbers
+import os
+import pickle
 import time
 from typing import Any, List, Optional, Sequence
 
@@ -462,7 +464,8 @@ def compress_shared(policy, states, lengths, offset: int, width: int, max_new_to
 
 def generate_shared(model: Model, prompts, max_new_tokens: int, policies: Sequence[Any],
                     eos_ids: Optional[Sequence[int]] = None,
-                    pad_to: Optional[int] = None) -> List[Generation]:
+                    pad_to: Optional[int] = None, observe: Optional[Sequence[Any]] = None,
+                    prefill_file: Optional[str] = None) -> List[Generation]:
     """Greedy generation of the same prompts under each of `policies` (None: the dense cache)
     with ONE prefill: the prompts are prefilled once, keeping every layer's dense cache and the
     post-RoPE queries every policy observes; then each policy compresses those caches and decodes.
@@ -473,15 +476,32 @@ def generate_shared(model: Model, prompts, max_new_tokens: int, policies: Sequen
     cache of all layers at once (the evaluation harness's trade; `generate` never does).
     pad_to: pad the prompts to this many tokens (default: the next multiple of 64), so batches of
     slightly different lengths share one compiled program.
+    observe: the policies of every call that will share this prefill (default: `policies`; each
+    of `policies` must be equal to one of them): the prefill collects all their observations,
+    so the calls see the same prefill and lay it out the same way.
+    prefill_file: a path: when it holds the prefill of these prompts (same tokens, observations
+    and shapes), that prefill is loaded instead of computed; otherwise it is computed and saved
+    there. Methods run in groups (to free each group's compiled programs) then pay one prefill
+    per batch, not one per group and batch. Each policy's `seconds` carries an equal share of
+    the prefill's time among the observed policies (plus the load, for a loaded one).
     """
     cfg = model.config
     max_new_tokens = _check_new_tokens(max_new_tokens)
     policies = list(policies)
+    observed = list(policies if observe is None else observe)
+    for i, p in enumerate(policies):
+        if observe is not None and not any(p == o for o in observed):
+            raise ValueError(f"policies[{i}] ({type(p).__name__}) is not among `observe`: the "
+                             f"shared prefill would not hold its observations")
     start = time.perf_counter()
-    token_lists, tokens, lengths_in, columns, first, states, eos, mode = _shared_prefill(
-        model, prompts, max_new_tokens, policies, eos_ids, pad_to)
+    token_lists, tokens, lengths_in, columns, first, states, eos, mode, prefill_s = \
+        _shared_prefill(model, prompts, max_new_tokens, policies, eos_ids, pad_to,
+                        observed=observed, prefill_file=prefill_file)
     jax.block_until_ready((first, states))
-    prefill_share = (time.perf_counter() - start) / len(policies)
+    loading = time.perf_counter() - start if prefill_s is not None else 0.0
+    if prefill_s is None:  # computed here
+        prefill_s = time.perf_counter() - start
+    prefill_share = prefill_s / len(observed) + loading / len(policies)
     out = []
     decode = _compiled_greedy_decode(cfg, max_new_tokens, eos, mode)
     for p, (offset, width) in zip(policies, columns):
@@ -499,10 +519,13 @@ def generate_shared(model: Model, prompts, max_new_tokens: int, policies: Sequen
 
 
 def _shared_prefill(model: Model, prompts, max_new_tokens: int, policies: List[Any], eos_ids,
-                    pad_to):
+                    pad_to, observed: Optional[List[Any]] = None,
+                    prefill_file: Optional[str] = None):
     """generate_shared's checks and its one prefill: (token lists, padded tokens, lengths, each
     policy's observation columns, first tokens, per-layer (dense cache, observation), eos ids,
-    kernel mode)."""
+    kernel mode, seconds of the prefill when it was loaded from `prefill_file`, else None).
+    observed: the policies whose observations the prefill collects (default: policies), laid out
+    in their order; each policy's columns are those of an equal observed one."""
     from pallas_kernels.dispatch import kernel_mode
 
     cfg = model.config
@@ -532,11 +555,60 @@ def _shared_prefill(model: Model, prompts, max_new_tokens: int, policies: List[A
     eos = tuple(int(e) for e in (eos_ids if eos_ids is not None else cfg.eos_ids))
     mode = kernel_mode()
     tokens_in, lengths_in = jnp.asarray(tokens), jnp.asarray(lengths)
-    union, columns = observation_union(policies, lengths_in, tokens.shape[1])
-    first, states, bad = _compiled_shared_prefill(cfg, max_new_tokens, mode)(
-        model.params, tokens_in, lengths_in, jnp.asarray(union))
+    observed = policies if observed is None else observed
+    union, columns = observation_union(list(observed) + policies, lengths_in, tokens.shape[1])
+    columns = columns[len(observed):]
+    prefill = _compiled_shared_prefill(cfg, max_new_tokens, mode)
+    args = (model.params, tokens_in, lengths_in, jnp.asarray(union))
+    loaded = None if prefill_file is None else _load_prefill(prefill_file, prefill, args)
+    if loaded is not None:
+        (first, states), seconds = loaded
+        return token_lists, tokens, lengths_in, columns, first, states, eos, mode, seconds
+    start = time.perf_counter()
+    first, states, bad = prefill(*args)
     _check_logits(bad)
-    return token_lists, tokens, lengths_in, columns, first, states, eos, mode
+    if prefill_file is not None:
+        jax.block_until_ready(states)
+        _save_prefill(prefill_file, args, (first, states), time.perf_counter() - start)
+    return token_lists, tokens, lengths_in, columns, first, states, eos, mode, None
+
+
+def _prefill_key(args) -> dict:
+    """What identifies a shared prefill besides the weights: the tokens, lengths and observed
+    positions (the weights are the caller's: one model per evaluation)."""
+    _, tokens, lengths, union = args
+    return dict(tokens=np.asarray(tokens), lengths=np.asarray(lengths), union=np.asarray(union))
+
+
+def _save_prefill(path: str, args, out, seconds: float) -> None:
+    """Write a shared prefill's (first tokens, states) leaves to `path` (atomically)."""
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(out)]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        pickle.dump(dict(key=_prefill_key(args), leaves=leaves, seconds=seconds), f, protocol=5)
+    os.replace(tmp, path)
+
+
+def _load_prefill(path: str, prefill, args):
+    """((first tokens, states), seconds) saved at `path` for the same tokens, lengths and observed
+    positions, with the leaves' shapes and dtypes the prefill gives now; None otherwise."""
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        saved = pickle.load(f)
+    key = _prefill_key(args)
+    if set(saved["key"]) != set(key) or not all(
+            saved["key"][k].shape == v.shape and np.array_equal(saved["key"][k], v)
+            for k, v in key.items()):
+        return None
+    first, states, _ = jax.eval_shape(prefill, *args)
+    shapes, tree = jax.tree_util.tree_flatten((first, states))
+    leaves = saved["leaves"]
+    if len(leaves) != len(shapes) or any(
+            x.shape != s.shape or x.dtype != s.dtype for x, s in zip(leaves, shapes)):
+        return None
+    out = jax.tree_util.tree_unflatten(tree, [jnp.asarray(x) for x in leaves])
+    return out, float(saved["seconds"])
 
 
 def shared_caches(model: Model, prompts, max_new_tokens: int, policies: Sequence[Any],
@@ -548,7 +620,7 @@ def shared_caches(model: Model, prompts, max_new_tokens: int, policies: Sequence
     widths, bytes) at the cost of one more prefill and no new compilation."""
     max_new_tokens = _check_new_tokens(max_new_tokens)
     policies = list(policies)
-    _, _, lengths_in, columns, _, states, _, mode = _shared_prefill(
+    _, _, lengths_in, columns, _, states, _, mode, _ = _shared_prefill(
         model, prompts, max_new_tokens, policies, None, pad_to)
     return [compress_shared(p, states, lengths_in, offset, width, max_new_tokens, mode)
             for p, (offset, width) in zip(policies, columns)]

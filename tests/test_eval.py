@@ -4,6 +4,7 @@ import importlib
 import json
 import math
 import os
+import tempfile
 
 import jax
 import numpy as np
@@ -374,11 +375,24 @@ def test_method_groups_give_the_same_records_with_one_prefill_per_group(model, t
     released = []
     monkeypatch.setattr(gen_mod, "release_compiled", lambda: released.append(len(calls)))
     calls.clear()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    saved = 0
+    real_save = gen_mod._save_prefill
+
+    def counting_save(*args):
+        nonlocal saved
+        saved += 1
+        real_save(*args)
+    monkeypatch.setattr(gen_mod, "_save_prefill", counting_save)
     out = tmp_path / "grouped"
     grouped = ev.evaluate(model, ev.EvalConfig(methods_per_prefill=2, out_dir=str(out), **kw),
                           progress=False)
     assert calls == [2, 2, 1, 1]  # group by group, batch by batch
     assert released == [2, 4]  # after each group (the next task's first group recompiles)
+    # ...with one prefill per batch: the first group stores it, the second loads it
+    assert saved == 2 and not os.listdir(tmp)  # the stored prefills are removed
     same = lambda r: {k: v for k, v in r.items() if k != "seconds"}
     assert [same(r) for r in grouped] == [same(r) for r in one]
     calls.clear()

@@ -1,5 +1,7 @@
 """One prefill per prompt batch for many methods (`jaxkv.generate.generate_shared`, what the
 evaluation harness runs) gives the very tokens and bytes of a separate `generate` per method."""
+import importlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,6 +47,33 @@ def test_shared_prefill_checks_its_arguments(tiny):
         generate_shared(tiny, [[1, 5, 6]], 4, [])
     out, = generate_shared(tiny, np.array([[1, 5, 6]]), 4, [None], pad_to=16, eos_ids=())
     assert len(out.tokens[0]) == 4
+
+
+def test_a_stored_prefill_serves_later_groups_with_the_same_tokens(tiny, tmp_path, monkeypatch):
+    """Groups of methods sharing one prefill through `prefill_file`: the first group computes and
+    stores it (collecting every observed policy's queries), a later group loads it instead of
+    prefilling and decodes the tokens a separate generate gives; a file made for other prompts
+    is not used."""
+    gen_mod = importlib.import_module("jaxkv.generate")  # jaxkv.generate is the function
+    prompts = [ex.prompt_ids for ex in sample_examples(make_task("niah_single"), 2, 4)]
+    snap = jaxkv.make_policy("snapkv", 0.5, tiny, window=4)
+    grkv = jaxkv.make_policy("grkv", 0.5, tiny, window=4, n_ref=4)
+    observe = [None, snap, grkv]
+    path = str(tmp_path / "batch.pkl")
+    computed = []
+    real = gen_mod._save_prefill
+    monkeypatch.setattr(gen_mod, "_save_prefill", lambda *a: (computed.append(1), real(*a)))
+    first = generate_shared(tiny, prompts, 6, [None, snap], observe=observe, prefill_file=path)
+    later = generate_shared(tiny, prompts, 6, [grkv], observe=observe, prefill_file=path)
+    assert computed == [1]  # the later group loaded it
+    for policy, got in zip([None, snap, grkv], first + later):
+        assert got.tokens == generate(tiny, prompts, 6, policy=policy).tokens
+        assert got.seconds > 0
+    other = [p[:-3] for p in prompts]
+    again = generate_shared(tiny, other, 6, [grkv], observe=observe, prefill_file=path)
+    assert computed == [1, 1] and again[0].tokens == generate(tiny, other, 6, policy=grkv).tokens
+    with pytest.raises(ValueError, match="not among `observe`"):
+        generate_shared(tiny, prompts, 6, [grkv], observe=[None, snap])
 
 
 def test_shared_caches_are_the_caches_generate_shared_decodes_from(tiny):

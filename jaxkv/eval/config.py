@@ -84,8 +84,9 @@ class EvalConfig:
     model: Optional[str] = None
     #: the dtype the model is loaded in by `python -m train eval`
     dtype: str = "float32"
-    #: None: every method of a batch shares one prefill. k: the methods run in groups of k, one
-    #: prefill per group and batch, each group through all batches before the next, and the
+    #: None: every method of a batch shares one prefill. k: the methods run in groups of k, each
+    #: group through all batches before the next, still one prefill per batch (the first group
+    #: to run a batch stores its prefill in a temporary folder, the later ones load it), and the
     #: compiled programs of a group are released before the next (`jaxkv.generate.
     #: release_compiled`). Bounds memory: on XLA:CPU each method whose cache has its own layout
     #: keeps about 0.6 GB of compiled programs alive (SmolLM2, 4K tokens), so the 39 methods x

@@ -10,7 +10,9 @@ method and budget answers the same ones and comparisons are paired. Each batch o
 prefilled once (`jaxkv.generate.generate_shared`): the dense prompt cache and the queries each
 policy observes are kept, then every method compresses them and decodes greedily. Every method's
 prefill in jaxkv is the plain dense one (compression happens after each layer's attention), so
-this gives the tokens a separate `generate` per method gives.
+this gives the tokens a separate `generate` per method gives. With `methods_per_prefill` the
+methods run in groups whose compiled programs are freed before the next group; the groups still
+share one prefill per batch (the first stores it in a temporary folder, the last removes it).
 
 A record (one per task, length, method and requested budget; "full" once at budget 1.0):
 
@@ -36,10 +38,12 @@ kept in out_dir/partial.json after every batch, so an interrupted run loses at m
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
 import os
+import tempfile
 from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
@@ -211,20 +215,30 @@ def evaluate(model, config: EvalConfig, progress: bool = True) -> List[dict]:
     try:
         for pset, groups, jobs, chunks in plan:
             where = pset.task if pset.length is None else f"{pset.task}@{pset.length}"
-            for ci, chunk in enumerate(chunks):
-                group = "" if len(chunks) == 1 else f", group {ci + 1}/{len(chunks)}"
-                ran = False
-                for bi, idx in enumerate(groups):
-                    todo = [j for j in chunk if str(bi) not in partial.get(j.id, {})]
-                    pbar.set_description(f"{where} ({len(todo)} methods{group})")
-                    if todo:
-                        _run_batch(gen_mod, model, pset, idx, bi, todo, partial,
-                                   config.batch_size, len(groups))
-                        save(final=False)
-                        ran = True
-                    pbar.update(1)
-                if ran and len(chunks) > 1:
-                    gen_mod.release_compiled()  # this group's programs; the next compiles its own
+            # methods in groups: one prefill per batch all the same, collecting every group's
+            # observations, kept on disk from the first group that runs the batch to the last
+            observe = _distinct([j.policy for j in jobs]) if len(chunks) > 1 else None
+            with _prefill_folder(observe is not None) as folder:
+                for ci, chunk in enumerate(chunks):
+                    group = "" if len(chunks) == 1 else f", group {ci + 1}/{len(chunks)}"
+                    ran = False
+                    for bi, idx in enumerate(groups):
+                        todo = [j for j in chunk if str(bi) not in partial.get(j.id, {})]
+                        pbar.set_description(f"{where} ({len(todo)} methods{group})")
+                        stored = None if folder is None else os.path.join(folder, f"{bi}.pkl")
+                        if stored is not None and ci == len(chunks) - 1 \
+                                and not os.path.exists(stored):
+                            stored = None  # no later group needs it
+                        if todo:
+                            _run_batch(gen_mod, model, pset, idx, bi, todo, partial,
+                                       config.batch_size, len(groups), observe, stored)
+                            save(final=False)
+                            ran = True
+                        if stored is not None and ci == len(chunks) - 1:
+                            os.remove(stored)
+                        pbar.update(1)
+                    if ran and len(chunks) > 1:
+                        gen_mod.release_compiled()  # this group's programs; the next compiles its own
             for job in jobs:
                 results[job.key] = _make_record(pset, job, partial.pop(job.id), config, ident,
                                                 dtype, chat, len(groups))
@@ -240,26 +254,42 @@ def evaluate(model, config: EvalConfig, progress: bool = True) -> List[dict]:
     return ordered()
 
 
+def _distinct(policies) -> List[Any]:
+    """Each policy once (equal policies, e.g. KIVI at any budget, count once), in order."""
+    out: List[Any] = []
+    for p in policies:
+        if not any(p == q for q in out):
+            out.append(p)
+    return out
+
+
+@contextlib.contextmanager
+def _prefill_folder(wanted: bool):
+    """A temporary folder for the prefills that groups of methods share (None if not wanted);
+    removed with what is left in it."""
+    if not wanted:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="jaxkv_prefill_") as folder:
+        yield folder
+
+
 def _run_batch(gen_mod, model, pset: PromptSet, idx, bi: int, jobs, partial, batch_size: int,
-               n_batches: int) -> None:
+               n_batches: int, observe=None, prefill_file: Optional[str] = None) -> None:
     """Generate one batch for every job in `jobs` with one shared prefill (jobs whose policies
     are equal share one decoding; such a record's seconds count that decoding each); store per-batch
     scores, completions, bytes and seconds in `partial`. A short last batch is padded with
     copies of its last prompt to `batch_size` rows (reusing the compiled program); its byte
-    counts are scaled to its real rows (cache bytes are linear in the batch)."""
+    counts are scaled to its real rows (cache bytes are linear in the batch). observe and
+    prefill_file: `generate_shared`'s (the prefill shared with the other groups of methods)."""
     rows = list(idx)
     if n_batches > 1 and len(rows) < batch_size:
         rows += [rows[-1]] * (batch_size - len(rows))
-    distinct: List[Any] = []  # equal policies (KIVI at any budget: the budget is only recorded)
-    slot = []                 # decode once and share the generation
-    for j in jobs:
-        same = next((i for i, p in enumerate(distinct) if p == j.policy), None)
-        if same is None:
-            distinct.append(j.policy)
-            same = len(distinct) - 1
-        slot.append(same)
+    distinct = _distinct([j.policy for j in jobs])  # decode each distinct policy once
+    slot = [next(i for i, p in enumerate(distinct) if p == j.policy) for j in jobs]
     gens = gen_mod.generate_shared(model, [pset.prompts[i] for i in rows], pset.max_new_tokens,
-                                   distinct, eos_ids=pset.eos_ids, pad_to=pset.pad_to)
+                                   distinct, eos_ids=pset.eos_ids, pad_to=pset.pad_to,
+                                   observe=observe, prefill_file=prefill_file)
     gens = [gens[i] for i in slot]
     share = len(idx) / len(rows)
     for job, gen in zip(jobs, gens):
