@@ -10,9 +10,10 @@ ROOT="$(dirname "$HERE")"
 REF="${JAXKV_REF:-/work/ref}"
 PIN="$(cat "$HERE/REF_COMMIT" 2>/dev/null || echo HEAD)"
 if [ ! -d "$REF" ]; then
-  git -C "$ROOT" worktree add -q --detach "$REF" "$PIN"
+  git -C "$ROOT" worktree prune  # a registration left by a machine that is gone
+  git -C "$ROOT" worktree add -q --detach "$REF" "$PIN" || { echo "cannot add $REF at $PIN"; exit 1; }
 else  # a worktree left by an earlier run may sit at an older commit: move it to the pin
-  git -C "$REF" checkout -q --detach "$PIN"
+  git -C "$REF" checkout -q --detach "$PIN" || { echo "cannot move $REF to $PIN"; exit 1; }
 fi
 git -C "$REF" rev-parse HEAD > "$HERE/REF_COMMIT"
 export JAXKV_CACHE_DIR="$HERE/cache"   # RDKV's calibration table travels with the results
