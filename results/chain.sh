@@ -65,6 +65,11 @@ sweep rdkv_split_4k configs/eval_rdkv_split.py
 [ -f "$HERE/rdkv_bench_8k.json" ] || python benchmarks/rdkv.py --model smollm2-135m-instruct \
   --dtype bfloat16 --context 8192 --memory-layers --out "$HERE/rdkv_bench_8k.json" \
   > "$HERE/rdkv_bench_8k.log" 2>&1
+# the same in float32: XLA:CPU upcasts bfloat16 weights for its matmuls, so a bfloat16 prefill's
+# peak there is mostly those copies (SmolLM2 at 1K: 508 MB of temporaries against 90 MB in f32)
+[ -f "$HERE/rdkv_bench_8k_f32.json" ] || python benchmarks/rdkv.py --model smollm2-135m-instruct \
+  --dtype float32 --context 8192 --memory-layers --out "$HERE/rdkv_bench_8k_f32.json" \
+  > "$HERE/rdkv_bench_8k_f32.log" 2>&1
 seed grkv_4k smollm2_4k configs/eval_real.py
 sweep smollm2_4k configs/eval_real.py
 
