@@ -68,7 +68,7 @@ def overhead(args, methods):
     if args.model:
         import jaxkv
         from jaxkv.tasks.text import make_text_examples
-        model = jaxkv.load(args.model)
+        model = jaxkv.load(args.model, dtype=args.dtype)  # --dtype, as for random weights
         cfg, params = model.config, model.params
         ids = make_text_examples("passkey", model.tokenizer, t, 1, 0)[0].prompt_ids
         t = len(ids)
