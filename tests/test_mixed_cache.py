@@ -105,6 +105,11 @@ def test_packing_round_trips_and_attend_equals_dense_attention(seed, short, dtyp
                    head_capacity=C, extra_capacity=E)
     np.testing.assert_array_equal(np.asarray(cache.used_bytes()),
                                   head_bytes_np(bits, chans, D, position_bytes(T)))
+    terms = cache.byte_terms()  # every byte in one term, none negative, V codes by the widths
+    assert sum(terms.values()) == cache.nbytes() and min(terms.values()) >= 0
+    assert terms["v_codes"] == sum(int((bits == w).sum()) * (2 * D if w == 16 else D * w // 8)
+                                   for w in (2, 4, 8, 16))
+    assert terms["positions"] == int((bits > 0).sum()) * position_bytes(T)
     q = jnp.asarray(rng.normal(size=(B, KH * G, D)), dt)
     out, (dk, dv, valid), pos, tbits, cbits = _attend_and_dense(cache, q)
     assert_close(out, _dense_attention(q, dk, dv, valid, 0.35),
@@ -199,11 +204,22 @@ def test_nbytes_counts_every_array_and_padding_is_reported():
     used = np.asarray(cache.used_bytes()).sum(-1)
     slack = [(3 + 2) * 4 // 8, 1 * 4 // 8]
     np.testing.assert_array_equal(np.asarray(cache.padding_bytes()), S - used + slack)
+    # where the bytes go: V 16 + 2 * 8 + 2 * 4 + 2 code bytes, 5 quantised records' scales,
+    # 6 int16 positions; K rows 18 bytes less 2 of rounding, 5 groups x 16-byte headers
+    terms = cache.byte_terms()
+    assert terms == dict(v_codes=42, v_scales=20, positions=12, k_codes=16, k_headers=80,
+                         whole=2 * B * KH * (W + E) * D * 4,
+                         metadata=B * KH * 4 * 4 + B * KH * D + B * KH * 3 * 4 + 2 * B * 4,
+                         padding=int(np.asarray(cache.padding_bytes()).sum()))
+    assert sum(terms.values()) == cache.nbytes()
     # a sequence shorter than the window leaves window slots empty: counted as padding
     short = _build(k, k, jnp.asarray([T, 2]), jnp.zeros((B, KH, T), jnp.int32),
                    jnp.asarray(chans), window=W, arena_bytes=S, head_capacity=C,
                    extra_capacity=E)
     assert int(short.padding_bytes()[1]) == S + (W - 2) * KH * 2 * D * 4
+    # ...but byte_terms keeps them in `whole` (the arrays hold them): padding is the arena
+    assert short.byte_terms()["padding"] == 2 * S and sum(short.byte_terms().values()) \
+        == short.nbytes()
 
 
 @pytest.mark.parametrize("change, match", [

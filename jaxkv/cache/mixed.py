@@ -48,6 +48,7 @@ from jaxkv.cache.mixed_format import (
     GROUP,
     K_WIDTHS,
     KMETA_BYTES,
+    VMETA_BYTES,
     WIDTHS,
     check_head_dim,
     group_expand,
@@ -361,6 +362,36 @@ class MixedCache:
         n_win = jnp.minimum(self.window, self.lengths)
         empty_window = (self.window - n_win) * self.num_kv_heads * 2 * d * item
         return (tail + slack + empty_window).astype(jnp.int32)
+
+    def byte_terms(self) -> dict:
+        """Where `nbytes` goes, summed over the batch (Python ints; they add up to `nbytes`):
+        v_codes (V values of every record: codes, or 16-bit values), v_scales (scale and
+        zero-point of the 2/4/8-bit records), positions (one per record), k_codes (the K rows),
+        k_headers (scale and zero-point per stored channel and 32-token group), whole (the
+        recent prompt tokens and decode slots in the cache dtype), metadata (counts, channel
+        ranks, lengths) and padding (`padding_bytes` less its empty window slots, which are in
+        `whole`: the arena tail and the K rows' rounding). Host-side (not traceable)."""
+        d, pb = self.head_dim, self.pos_bytes
+        counts = np.asarray(self.counts, np.int64)  # [B, K, 4], WIDTHS order
+        n = counts.sum(-1)
+        lay = self.layout()
+        groups = (counts + GROUP - 1) // GROUP
+        value_bytes = np.asarray([2 * d if w == 16 else d * w // 8 for w in WIDTHS], np.int64)
+        k_bits = np.asarray(k_row_bits(self.k_counts), np.int64)  # [B, K]
+        rows = np.asarray(lay.row, np.int64)  # bytes of a K row (its bits rounded up)
+        # the rows' bytes less their rounding, as `padding_bytes` counts it (per sequence)
+        slack = (n * (8 * rows - k_bits)).sum(-1) // 8
+        terms = dict(
+            v_codes=int((counts * value_bytes).sum()),
+            v_scales=int(counts[..., 1:].sum() * VMETA_BYTES),
+            positions=int(n.sum() * pb),
+            k_codes=int((n * rows).sum() - slack.sum()),
+            k_headers=int((groups.sum(-1) * np.asarray(lay.header, np.int64)).sum()),
+            whole=int(array_nbytes(self.whole_k, self.whole_v)),
+            metadata=int(array_nbytes(self.counts, self.k_channels, self.k_counts,
+                                      self.whole_lengths, self.lengths)))
+        terms["padding"] = int(self.nbytes()) - sum(terms.values())
+        return terms
 
     def _dense_parts(self):
         """Per region present (WIDTHS order): (bits, k, v float32 [B, K, M, D], valid, pos)."""
