@@ -10,21 +10,20 @@ model answers only in part with its full cache (a needle in English text, one of
 Every setting is paired with the default (`rdkv`), on the same prompts. The default's records
 are configs/eval_rdkv.py's (the same key): `results/chain.sh` seeds this sweep with them.
 """
-from jaxkv.eval import EvalConfig
+import dataclasses
+
+from configs.eval_rdkv import CONFIG as RDKV
 
 VARIANTS = ("rdkv[k_share=0.3]", "rdkv[k_share=0.7]", "rdkv[water=layer]")
+TASKS = ("niah_single_2", "niah_multikey_1")
 
-CONFIG = EvalConfig(
+# the RDKV sweep's model, dtype, length, prompts and answer lengths: the default's records are
+# its records
+CONFIG = dataclasses.replace(
+    RDKV,
     methods=("rdkv",) + VARIANTS,
     budgets=(0.05, 0.1),
-    tasks=("niah_single_2", "niah_multikey_1"),
-    lengths=(4096,),
-    n_samples=50,
-    task_settings={"niah_single_2": {"max_new_tokens": 16},
-                   "niah_multikey_1": {"max_new_tokens": 16}},
-    batch_size=8,
-    seed=0,
-    model="smollm2-135m-instruct",
-    dtype="bfloat16",
+    tasks=TASKS,
+    task_settings={t: RDKV.task_settings[t] for t in TASKS},
     pairs=tuple((v, "rdkv") for v in VARIANTS),
 )
