@@ -358,10 +358,15 @@ class MixedCache:
         item = jnp.dtype(self.whole_k.dtype).itemsize
         lay = self.layout()
         tail = self.arena_bytes - lay.total.sum(-1)
-        slack = (self.counts.sum(-1) * (8 * lay.row - k_row_bits(self.k_counts))).sum(-1) // 8
+        slack = self._k_row_slack(lay)
         n_win = jnp.minimum(self.window, self.lengths)
         empty_window = (self.window - n_win) * self.num_kv_heads * 2 * d * item
         return (tail + slack + empty_window).astype(jnp.int32)
+
+    def _k_row_slack(self, lay) -> jax.Array:
+        """int32 [B]: bytes of K rows that hold no code bits (each row's bits rounded up to
+        bytes), per sequence, rounded down."""
+        return (self.counts.sum(-1) * (8 * lay.row - k_row_bits(self.k_counts))).sum(-1) // 8
 
     def byte_terms(self) -> dict:
         """Where `nbytes` goes, summed over the batch (Python ints; they add up to `nbytes`):
@@ -371,21 +376,19 @@ class MixedCache:
         recent prompt tokens and decode slots in the cache dtype), metadata (counts, channel
         ranks, lengths) and padding (`padding_bytes` less its empty window slots, which are in
         `whole`: the arena tail and the K rows' rounding). Host-side (not traceable)."""
-        d, pb = self.head_dim, self.pos_bytes
         counts = np.asarray(self.counts, np.int64)  # [B, K, 4], WIDTHS order
         n = counts.sum(-1)
         lay = self.layout()
         groups = (counts + GROUP - 1) // GROUP
-        value_bytes = np.asarray([2 * d if w == 16 else d * w // 8 for w in WIDTHS], np.int64)
-        k_bits = np.asarray(k_row_bits(self.k_counts), np.int64)  # [B, K]
-        rows = np.asarray(lay.row, np.int64)  # bytes of a K row (its bits rounded up)
-        # the rows' bytes less their rounding, as `padding_bytes` counts it (per sequence)
-        slack = (n * (8 * rows - k_bits)).sum(-1) // 8
+        records = int((counts * np.asarray(v_record_sizes(self.head_dim, self.pos_bytes))).sum())
+        v_scales = int(counts[..., 1:].sum() * VMETA_BYTES)  # the 8/4/2-bit records
+        positions = int(n.sum() * self.pos_bytes)
+        rows = int((n * np.asarray(lay.row, np.int64)).sum())  # K rows, bits rounded to bytes
         terms = dict(
-            v_codes=int((counts * value_bytes).sum()),
-            v_scales=int(counts[..., 1:].sum() * VMETA_BYTES),
-            positions=int(n.sum() * pb),
-            k_codes=int((n * rows).sum() - slack.sum()),
+            v_codes=records - v_scales - positions,
+            v_scales=v_scales,
+            positions=positions,
+            k_codes=rows - int(np.asarray(self._k_row_slack(lay)).sum()),
             k_headers=int((groups.sum(-1) * np.asarray(lay.header, np.int64)).sum()),
             whole=int(array_nbytes(self.whole_k, self.whole_v)),
             metadata=int(array_nbytes(self.counts, self.k_channels, self.k_counts,
