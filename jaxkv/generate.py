@@ -498,10 +498,10 @@ def generate_shared(model: Model, prompts, max_new_tokens: int, policies: Sequen
         _shared_prefill(model, prompts, max_new_tokens, policies, eos_ids, pad_to,
                         observed=observed, prefill_file=prefill_file)
     jax.block_until_ready((first, states))
-    loading = time.perf_counter() - start if prefill_s is not None else 0.0
-    if prefill_s is None:  # computed here
-        prefill_s = time.perf_counter() - start
-    prefill_share = prefill_s / len(observed) + loading / len(policies)
+    elapsed = time.perf_counter() - start
+    if prefill_s is None:  # computed here, not loaded
+        prefill_s, elapsed = elapsed, 0.0
+    prefill_share = prefill_s / len(observed) + elapsed / len(policies)  # + the load, if any
     out = []
     decode = _compiled_greedy_decode(cfg, max_new_tokens, eos, mode)
     for p, (offset, width) in zip(policies, columns):

@@ -218,7 +218,8 @@ def evaluate(model, config: EvalConfig, progress: bool = True) -> List[dict]:
             # methods in groups: one prefill per batch all the same, collecting every group's
             # observations, kept on disk from the first group that runs the batch to the last
             observe = _distinct([j.policy for j in jobs]) if len(chunks) > 1 else None
-            with _prefill_folder(observe is not None) as folder:
+            with (contextlib.nullcontext() if observe is None
+                  else tempfile.TemporaryDirectory(prefix="jaxkv_prefill_")) as folder:
                 for ci, chunk in enumerate(chunks):
                     group = "" if len(chunks) == 1 else f", group {ci + 1}/{len(chunks)}"
                     ran = False
@@ -226,15 +227,15 @@ def evaluate(model, config: EvalConfig, progress: bool = True) -> List[dict]:
                         todo = [j for j in chunk if str(bi) not in partial.get(j.id, {})]
                         pbar.set_description(f"{where} ({len(todo)} methods{group})")
                         stored = None if folder is None else os.path.join(folder, f"{bi}.pkl")
-                        if stored is not None and ci == len(chunks) - 1 \
-                                and not os.path.exists(stored):
+                        last = ci == len(chunks) - 1
+                        if last and stored is not None and not os.path.exists(stored):
                             stored = None  # no later group needs it
                         if todo:
                             _run_batch(gen_mod, model, pset, idx, bi, todo, partial,
                                        config.batch_size, len(groups), observe, stored)
                             save(final=False)
                             ran = True
-                        if stored is not None and ci == len(chunks) - 1:
+                        if last and stored is not None:
                             os.remove(stored)
                         pbar.update(1)
                     if ran and len(chunks) > 1:
@@ -261,17 +262,6 @@ def _distinct(policies) -> List[Any]:
         if not any(p == q for q in out):
             out.append(p)
     return out
-
-
-@contextlib.contextmanager
-def _prefill_folder(wanted: bool):
-    """A temporary folder for the prefills that groups of methods share (None if not wanted);
-    removed with what is left in it."""
-    if not wanted:
-        yield None
-        return
-    with tempfile.TemporaryDirectory(prefix="jaxkv_prefill_") as folder:
-        yield folder
 
 
 def _run_batch(gen_mod, model, pset: PromptSet, idx, bi: int, jobs, partial, batch_size: int,
